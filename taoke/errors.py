@@ -1,0 +1,17 @@
+"""One error type for everything a user can fix: the CLI prints its message and exits with 2."""
+
+
+class TaokeError(Exception):
+    """A problem in the user's input (recipe, data, model reference) with a message saying what to do."""
+
+
+class RecipeError(TaokeError):
+    pass
+
+
+class DataError(TaokeError):
+    pass
+
+
+class ModelError(TaokeError):
+    pass
