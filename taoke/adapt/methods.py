@@ -1,0 +1,56 @@
+"""Adaptation: which parameters train. full | freeze (bottom N layers) | head (linear probe) | lora | dora."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from taoke.errors import RecipeError
+from taoke.models.task_model import HFClassifier, count_parameters, get_head
+from taoke.recipe import AdaptConfig
+
+
+def layer_stack(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """(ordered blocks, embeddings) of a model, bottom first, for freezing by depth."""
+    if isinstance(model, HFClassifier):
+        base = model.hf.base_model
+        for path in ("encoder.layer", "layers", "h", "transformer.layer", "encoder.layers"):
+            obj = base
+            try:
+                for part in path.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            if isinstance(obj, nn.ModuleList):
+                emb = getattr(base, "embeddings", None) or getattr(base, "embed_tokens", None)
+                return list(obj), emb
+        raise RecipeError(f"cannot find the layer stack of {type(model.hf).__name__} to freeze")
+    body = getattr(model, "body", None)
+    if body is not None:
+        return [m for m in body.children() if any(p.requires_grad for p in m.parameters())], None
+    blocks = [m for name, m in model.named_children() if name != "head"]
+    return blocks, None
+
+
+def adapt(model: nn.Module, cfg: AdaptConfig) -> dict:
+    """Set requires_grad per the method; returns a record with trainable/total counts."""
+    method = cfg.method
+    if method in ("lora", "dora"):
+        raise RecipeError(f"adapt.method '{method}' is not available for classification models in this version; "
+                          "use full, freeze or head.")
+    for p in model.parameters():
+        p.requires_grad = method != "head"
+    if method == "head":
+        for p in get_head(model).parameters():
+            p.requires_grad = True
+    elif method == "freeze":
+        blocks, emb = layer_stack(model)
+        n = cfg.layers if cfg.layers is not None else len(blocks) // 2
+        if n > len(blocks):
+            raise RecipeError(f"adapt.layers={n} but the model has {len(blocks)} layers; choose 0..{len(blocks)}.")
+        for m in ([emb] if emb is not None else []) + blocks[:n]:
+            for p in m.parameters():
+                p.requires_grad = False
+    total, trainable = count_parameters(model)
+    if trainable == 0:
+        raise RecipeError("adaptation leaves no trainable parameters; lower adapt.layers.")
+    return {**cfg.model_dump(exclude_none=True), "trainable_params": trainable, "total_params": total}

@@ -1,0 +1,51 @@
+"""PyTorch checkpoint reader (.bin/.pt/.pth): torch.load(weights_only=True, mmap=True), never full unpickling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from taoke.errors import ModelError
+from taoke.formats.base import TensorMeta, WeightReader
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    import torch
+
+    out = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix.rstrip(".")] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+class TorchReader(WeightReader):
+    format = "torch"
+
+    def __init__(self, files: list[Path]):
+        import torch
+
+        super().__init__(files[0])
+        self._tensors: dict[str, "torch.Tensor"] = {}
+        for f in files:
+            try:
+                # mmap keeps tensors on disk until read; weights_only refuses arbitrary pickled code.
+                state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ModelError(f"{f}: cannot be read as a weights-only PyTorch checkpoint ({e.__class__.__name__}: "
+                                 f"{str(e).splitlines()[0][:200]}). taoke never unpickles arbitrary objects.") from e
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            for name, t in _flatten(state).items():
+                if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8):
+                    self._tensors[name] = t
+                    self._meta[name] = TensorMeta(name, tuple(t.shape), str(t.dtype).replace("torch.", ""))
+
+    def _read(self, name: str) -> np.ndarray:
+        return self._tensors[name].float().numpy()
+
+    def close(self) -> None:
+        self._tensors.clear()

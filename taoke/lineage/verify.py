@@ -1,0 +1,502 @@
+"""`verify A B`: does B derive from A (or share an ancestor with it), from the weights alone?
+
+The test, in two streaming passes (one tensor of each model in memory at a time, plus the embeddings):
+
+1. Fingerprint. For every weight matrix that reads from or writes to the residual stream, take the cosine
+   between residual dimensions over the other axis (a Gram matrix on a fixed subset of m residual dims).
+   It does not change when MLP units or attention heads are permuted, when the vocabulary is reordered or
+   extended, or when a matrix is rescaled, and it moves little under quantisation, LoRA merges or fine-tuning.
+   It ignores layer-norm gains and embedding norms, which look alike in any two models.
+2. Statistic and null. Layer similarity L[a, b] = mean over shared roles of the correlation between
+   fingerprints; T = sum over B's layers of the best match in A (robust to pruned, duplicated or moved layers).
+   Independently trained models have no preferred correspondence between residual dimensions (training is
+   equivariant to permuting them), so T computed after randomly permuting B's residual dims is a draw from the
+   null. p = Gaussian tail of T against those draws (randomisation test with a normal approximation).
+3. Evidence. Layers are aligned by a monotone dynamic programme; matched layers are compared tensor by tensor
+   after Hungarian matching of MLP units and attention head groups (scipy's linear_sum_assignment), which gives
+   the per-layer similarity, what changed, and the relation guess.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+from scipy.optimize import linear_sum_assignment
+
+from taoke.formats.base import WeightReader
+from taoke.lineage.canonical import MATRIX_ROLES, NORM_ROLES, READ_ROLES, CanonicalView, Slot, canonical_view
+
+DERIVED_P = 1e-6       # below: the weights share an origin
+INDEPENDENT_P = 0.01   # above: no evidence of a shared origin
+SUBSET = 256           # residual dims in the fingerprint (m); m(m-1)/2 entries per tensor
+N_NULL = 40            # random residual permutations for the null
+P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
+
+
+@dataclass
+class Fingerprint:
+    keys: list[tuple[int | None, str]]   # (layer, role); layer None for embed/head
+    X: np.ndarray                        # one unit-norm, centred row per key
+    storage: dict[str, int]              # storage dtype -> count of matrices
+
+
+def _tensor_fingerprint(w: np.ndarray, read_side: bool, idx: np.ndarray, iu) -> np.ndarray | None:
+    r = w[:, idx] if read_side else w[idx, :].T          # (other axis) x m residual dims
+    r = r - r.mean(axis=0, keepdims=True)
+    g = r.T @ r
+    d = np.sqrt(np.clip(np.diag(g), 1e-30, None))
+    v = (g / d[:, None] / d[None, :])[iu]
+    v = v - v.mean()
+    n = np.linalg.norm(v)
+    return (v / n).astype(np.float32) if n > 0 else None
+
+
+def _residual_side(slot: Slot, hidden: int) -> bool | None:
+    """True when the residual stream is on the columns (reads), False on rows (writes), None if neither."""
+    if len(slot.shape) != 2:
+        return None
+    rows, cols = slot.shape
+    if slot.role in MATRIX_ROLES and rows == hidden and cols == hidden:
+        return slot.role in READ_ROLES
+    if cols == hidden:
+        return True
+    if rows == hidden:
+        return False
+    return None
+
+
+def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray) -> Fingerprint:
+    m = len(idx)
+    iu = np.triu_indices(m, k=1)
+    keys, rows, storage = [], [], {}
+    wanted = [s for s in view.slots() if s.role in MATRIX_ROLES or s.role in ("embed", "head")]
+    for slot in wanted:
+        side = _residual_side(slot, view.hidden)
+        if side is None or (slot.shape[1] if side else slot.shape[0]) < idx.max() + 1:
+            continue
+        v = _tensor_fingerprint(reader.get(slot.name), side, idx, iu)
+        if v is not None:
+            keys.append((slot.layer, slot.role))
+            rows.append(v)
+            dt = reader.meta(slot.name).dtype
+            storage[dt] = storage.get(dt, 0) + 1
+    X = np.stack(rows) if rows else np.zeros((0, m * (m - 1) // 2), np.float32)
+    return Fingerprint(keys, X, storage)
+
+
+def _layer_matrix(fa: Fingerprint, fb: Fingerprint, S: np.ndarray, la: list[int], lb: list[int]) -> np.ndarray:
+    """L[a, b] = mean over roles present in both layers of the fingerprint correlation."""
+    total = np.zeros((len(la), len(lb)))
+    count = np.zeros((len(la), len(lb)))
+    pos_a = {k: i for i, k in enumerate(fa.keys)}
+    pos_b = {k: i for i, k in enumerate(fb.keys)}
+    roles = sorted({r for (l, r) in fa.keys if l is not None} & {r for (l, r) in fb.keys if l is not None})
+    for role in roles:
+        ia = np.array([pos_a.get((l, role), -1) for l in la])
+        ib = np.array([pos_b.get((l, role), -1) for l in lb])
+        mask = (ia[:, None] >= 0) & (ib[None, :] >= 0)
+        block = S[np.ix_(np.maximum(ia, 0), np.maximum(ib, 0))]
+        total += np.where(mask, block, 0.0)
+        count += mask
+    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def _statistic(L: np.ndarray, embed: float | None) -> float:
+    t = float(L.max(axis=0).sum()) if L.size else 0.0
+    return t + (embed or 0.0)
+
+
+def align_layers(L: np.ndarray, tau: float) -> list[tuple[int, int]]:
+    """Monotone alignment of B's layers onto A's (non-decreasing: A layers may be skipped or reused).
+
+    Maximises the sum of (L - tau) over matched pairs; a B layer stays unmatched when nothing beats tau.
+    """
+    na, nb = L.shape
+    if na == 0 or nb == 0:
+        return []
+    f = np.zeros(na)                 # best score so far with last matched A index <= a
+    choice = np.full((nb, na), -1)   # A index matched to B layer j on the best path ending <= a
+    back = []
+    for j in range(nb):
+        g = f + L[:, j] - tau                     # match j to a
+        best_idx = np.zeros(na, dtype=int)
+        run_val, run_idx = -np.inf, -1
+        cm = np.empty(na)
+        for a in range(na):                       # cumulative max of g with argmax
+            if g[a] > run_val:
+                run_val, run_idx = g[a], a
+            cm[a], best_idx[a] = run_val, run_idx
+        take = cm > f
+        choice[j] = np.where(take, best_idx, -1)
+        back.append(f.copy())
+        f = np.where(take, cm, f)
+    pairs, a = [], na - 1
+    for j in range(nb - 1, -1, -1):
+        c = choice[j][a]
+        if c >= 0:
+            pairs.append((int(c), j))
+            a = c
+    return pairs[::-1]
+
+
+# ---------------------------------------------------------------- pass 2: tensor-level comparison
+
+def _cos(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x.ravel().astype(np.float64), y.ravel().astype(np.float64)
+    d = np.linalg.norm(x) * np.linalg.norm(y)
+    return float(x @ y / d) if d > 0 else 0.0
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    return _cos(x - x.mean(), y - y.mean())
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _match_units(fa: np.ndarray, fb: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Order of B's units matching A's units: identity when it already fits, else Hungarian on cosines."""
+    if len(fa) != len(fb):  # different widths: compare nothing unit by unit
+        return np.arange(min(len(fa), len(fb))), False
+    c = _unit_rows(fa) @ _unit_rows(fb).T
+    diag = float(np.mean(np.diag(c)))
+    if diag >= 0.9 * float(np.mean(c.max(axis=1))) and diag > 0.2:
+        return np.arange(len(fa)), False
+    rows, cols = linear_sum_assignment(-c)
+    return cols[np.argsort(rows)], True
+
+
+def _align_layer(wa: dict, wb: dict, heads: tuple[int, int] | None) -> tuple[dict, list[str]]:
+    """Permute B's MLP units and attention head groups onto A's; returns aligned B tensors and notes."""
+    wb = dict(wb)
+    notes = []
+    mlp_in = [r for r in ("ffn_gate", "ffn_up") if r in wa and r in wb]
+    if mlp_in and all(wa[r].shape == wb[r].shape for r in mlp_in) and \
+            ("ffn_down" not in wa or "ffn_down" not in wb or wa["ffn_down"].shape == wb["ffn_down"].shape):
+        feats = lambda w: np.concatenate(  # noqa: E731 - unit features: its rows in, its column out
+            [_unit_rows(w[r]) for r in mlp_in] + ([_unit_rows(w["ffn_down"].T)] if "ffn_down" in w else []), axis=1)
+        order, moved = _match_units(feats(wa), feats(wb))
+        if moved:
+            notes.append("MLP units permuted")
+        for r in mlp_in:
+            wb[r] = wb[r][order]
+        if "ffn_down" in wb:
+            wb["ffn_down"] = wb["ffn_down"][:, order]
+    if heads and all(r in wa and r in wb for r in ("attn_q", "attn_k", "attn_v", "attn_o")) and \
+            all(wa[r].shape == wb[r].shape for r in ("attn_q", "attn_k", "attn_v", "attn_o")):
+        n_head, n_kv = heads
+        hd = wa["attn_q"].shape[0] // n_head
+        g = n_head // n_kv
+
+        def groups(w):  # one feature row per kv group: its k, v rows and its q rows / o columns
+            k = w["attn_k"].reshape(n_kv, -1)
+            v = w["attn_v"].reshape(n_kv, -1)
+            q = w["attn_q"].reshape(n_kv, g * hd * w["attn_q"].shape[1])
+            o = w["attn_o"].T.reshape(n_kv, -1)
+            return np.concatenate([_unit_rows(k), _unit_rows(v), _unit_rows(q), _unit_rows(o)], axis=1)
+
+        order, moved = _match_units(groups(wa), groups(wb))
+        if moved:
+            notes.append("attention heads permuted")
+            qi = np.concatenate([np.arange(gi * g * hd, (gi + 1) * g * hd) for gi in order])
+            ki = np.concatenate([np.arange(gi * hd, (gi + 1) * hd) for gi in order])
+            wb["attn_q"], wb["attn_o"] = wb["attn_q"][qi], wb["attn_o"][:, qi]
+            wb["attn_k"], wb["attn_v"] = wb["attn_k"][ki], wb["attn_v"][ki]
+    return wb, notes
+
+
+def _low_rank_energy(delta: np.ndarray, r: int = 16) -> float:
+    s = np.linalg.svd(delta.astype(np.float32), compute_uv=False)
+    e = s ** 2
+    return float(e[:r].sum() / e.sum()) if e.sum() > 0 else 1.0
+
+
+def _heads(cfg: dict) -> tuple[int, int] | None:
+    n = cfg.get("num_attention_heads") or cfg.get("n_head") or cfg.get("num_heads")
+    kv = cfg.get("num_key_value_heads") or n
+    return (int(n), int(kv)) if n and kv and n % kv == 0 else None
+
+
+@dataclass
+class LayerMatch:
+    a: int
+    b: int
+    names_a: list[str]
+    names_b: list[str]
+    fingerprint: float                    # Gram-fingerprint correlation (permutation-invariant)
+    similarity: float | None = None       # mean cosine of aligned tensors
+    tensors: dict = field(default_factory=dict)   # role -> {cos, scale}
+    notes: list[str] = field(default_factory=list)
+    norm_raw_cos: float | None = None     # raw cosine of norm gains (looks high for any two models)
+    norm_centered: float | None = None    # centred correlation of norm gains (the honest one)
+
+    def to_dict(self) -> dict:
+        return {"a": f"blk.{self.a}", "b": f"blk.{self.b}", "names_a": self.names_a, "names_b": self.names_b,
+                "similarity": None if self.similarity is None else round(self.similarity, 6),
+                "fingerprint": round(self.fingerprint, 6), "tensors": self.tensors, "notes": self.notes,
+                "norm_raw_cos": self.norm_raw_cos, "norm_centered": self.norm_centered}
+
+
+@dataclass
+class VerifyResult:
+    a: str
+    b: str
+    verdict: str
+    p_value: float
+    relation: str
+    statistic: float
+    null_mean: float
+    null_sd: float
+    z: float
+    layers: list[LayerMatch]
+    layer_matrix: np.ndarray
+    layers_a: list[int]
+    layers_b: list[int]
+    view_a: CanonicalView
+    view_b: CanonicalView
+    vocab: dict
+    changes: list[str]
+    evidence: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "verdict": self.verdict, "p_value": self.p_value,
+                "relation": self.relation, "statistic": round(self.statistic, 4),
+                "null": {"mean": round(self.null_mean, 4), "sd": round(self.null_sd, 5), "draws": N_NULL},
+                "z": round(self.z, 2), "architecture": {"a": self.view_a.to_dict(), "b": self.view_b.to_dict()},
+                "layers": [m.to_dict() for m in self.layers], "vocab": self.vocab, "changes": self.changes,
+                "evidence": self.evidence, "seconds": round(self.seconds, 2)}
+
+
+def _residual_subset(hidden: int, m: int) -> np.ndarray:
+    m = min(m, hidden)
+    return np.sort(np.random.default_rng(0).choice(hidden, size=m, replace=False))
+
+
+def _perm_index(m: int, perm: np.ndarray) -> np.ndarray:
+    """Index map of the flattened upper triangle when residual dims are permuted by `perm`."""
+    iu, ju = np.triu_indices(m, k=1)
+    flat = np.zeros((m, m), dtype=np.int64)
+    flat[iu, ju] = np.arange(len(iu))
+    flat[ju, iu] = flat[iu, ju]
+    return flat[perm[iu], perm[ju]]
+
+
+def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: CanonicalView) -> dict:
+    ea, eb = va.globals.get("embed"), vb.globals.get("embed")
+    out = {"rows_a": ea.shape[0] if ea else None, "rows_b": eb.shape[0] if eb else None}
+    ta, tb = ra.tokens, rb.tokens
+    if ta and tb:
+        pos_a = {t: i for i, t in enumerate(ta)}
+        shared = [(pos_a[t], j) for j, t in enumerate(tb) if t in pos_a]
+        out.update(shared=len(shared), added=len(tb) - len(shared), removed=len(ta) - len(shared),
+                   reordered=sum(1 for i, j in shared if i != j))
+    else:
+        shared = [(i, i) for i in range(min(out["rows_a"] or 0, out["rows_b"] or 0))]
+        out.update(shared=None, added=max(0, (out["rows_b"] or 0) - (out["rows_a"] or 0)), removed=None,
+                   reordered=None)
+    if ea and eb and shared and ea.shape[1] == eb.shape[1]:
+        sample = np.array(shared)[np.random.default_rng(0).permutation(len(shared))[:4096]]
+        wa, wb = ra.get(ea.name), rb.get(eb.name)
+        a_rows, b_rows = wa[sample[:, 0]], wb[sample[:, 1]]
+        del wa, wb
+        out["shared_rows_cos"] = round(float(np.mean(np.sum(_unit_rows(a_rows) * _unit_rows(b_rows), axis=1))), 4)
+    return out
+
+
+def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True) -> VerifyResult:
+    """Test whether B derives from A (or shares an ancestor). `a`/`b`: references, paths or open readers."""
+    from taoke.formats import open_weights
+
+    t0 = time.perf_counter()
+    ra = a if isinstance(a, WeightReader) else open_weights(a)
+    rb = b if isinstance(b, WeightReader) else open_weights(b)
+    va, vb = canonical_view(ra), canonical_view(rb)
+    evidence: list[str] = [f"A: {va.family}, {len(va.layers)} layers, width {va.hidden}; "
+                           f"B: {vb.family}, {len(vb.layers)} layers, width {vb.hidden}"]
+    if not va.hidden or not vb.hidden or not va.layers or not vb.layers:
+        return _no_evidence(a, b, va, vb, evidence + ["no transformer layers recognised in one of the models"], t0)
+    h = min(va.hidden, vb.hidden)
+    if va.hidden != vb.hidden:
+        evidence.append(f"residual widths differ ({va.hidden} vs {vb.hidden}): fingerprints use the first {h} dims")
+    idx = _residual_subset(h, subset) if va.hidden == vb.hidden else np.arange(min(h, subset))
+    fa = fingerprint(ra, va, idx)
+    fb = fingerprint(rb, vb, idx)
+    la = sorted({l for l, _ in fa.keys if l is not None})
+    lb = sorted({l for l, _ in fb.keys if l is not None})
+    shared_roles = {r for l, r in fa.keys if l is not None} & {r for l, r in fb.keys if l is not None}
+    if not la or not lb or not shared_roles:
+        return _no_evidence(a, b, va, vb, evidence + ["no weight matrices with a shared role to compare"], t0)
+    ea = fa.keys.index((None, "embed")) if (None, "embed") in fa.keys else None
+    eb = fb.keys.index((None, "embed")) if (None, "embed") in fb.keys else None
+
+    def stat_for(XB):
+        S = fa.X @ XB.T
+        L = _layer_matrix(fa, fb, S, la, lb)
+        emb = float(S[ea, eb]) if ea is not None and eb is not None else None
+        return L, emb
+
+    L, emb = stat_for(fb.X)
+    t_obs = _statistic(L, emb)
+    rng = np.random.default_rng(1234)
+    m = len(idx)
+    null, null_entries = [], []
+    for _ in range(n_null):
+        Lp, ep = stat_for(fb.X[:, _perm_index(m, rng.permutation(m))])
+        null.append(_statistic(Lp, ep))
+        null_entries.append(Lp.ravel())
+    null = np.array(null)
+    mu, sd = float(null.mean()), float(null.std(ddof=1))
+    z = (t_obs - mu) / max(sd, 1e-12)
+    p = float(max(stats.norm.sf(z), P_FLOOR))
+    ne = np.concatenate(null_entries)
+    tau = float(ne.mean() + 6 * ne.std())          # a layer pair counts as matched well above the null
+    pairs = align_layers(L, tau) if p < INDEPENDENT_P else []
+    evidence.append(f"fingerprint statistic {t_obs:.3f} vs null {mu:.3f} ± {sd:.4f} "
+                    f"({n_null} residual permutations): z = {z:.1f}, p = {p:.3g}")
+    layers = [LayerMatch(la[i], lb[j], [], [], float(L[i, j])) for i, j in pairs]
+    vocab: dict = {}
+    if deep and layers:
+        _compare_layers(ra, rb, va, vb, layers)
+        vocab = _vocab_report(ra, rb, va, vb)
+    verdict, relation, changes = _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence)
+    res = VerifyResult(str(a), str(b), verdict, p, relation, t_obs, mu, sd, float(z), layers, L, la, lb, va, vb,
+                       vocab, changes, evidence, time.perf_counter() - t0)
+    for r in (ra, rb):
+        if r is not a and r is not b:
+            r.close()
+    return res
+
+
+def _compare_layers(ra, rb, va, vb, layers: list[LayerMatch]) -> None:
+    heads = _heads(ra.config or {})
+    for k, lm in enumerate(layers):
+        sa, sb = va.layers[lm.a], vb.layers[lm.b]
+        roles = sorted((set(sa) & set(sb)) & (MATRIX_ROLES | NORM_ROLES))
+        lm.names_a = [sa[r].name for r in roles]
+        lm.names_b = [sb[r].name for r in roles]
+        wa = {r: ra.get(sa[r].name) for r in roles if r in MATRIX_ROLES}
+        wb = {r: rb.get(sb[r].name) for r in roles if r in MATRIX_ROLES}
+        wb, lm.notes = _align_layer(wa, wb, heads)
+        cosines = []
+        for r in sorted(wa):
+            if wa[r].shape != wb[r].shape:
+                lm.tensors[r] = {"cos": None, "note": f"shape {wa[r].shape} -> {wb[r].shape}"}
+                continue
+            c = _cos(wa[r], wb[r])
+            scale = float(np.linalg.norm(wb[r]) / max(np.linalg.norm(wa[r]), 1e-12))
+            entry = {"cos": round(c, 6), "scale": round(scale, 4)}
+            if c < 0.99999 and k in (0, len(layers) // 2, len(layers) - 1):
+                # low rank of the change tells a LoRA merge from fine-tuning or quantisation noise
+                entry["delta_rank16_energy"] = round(_low_rank_energy(wb[r] / scale - wa[r]), 4)
+            lm.tensors[r] = entry
+            cosines.append(c)
+        norms = [r for r in roles if r in NORM_ROLES]
+        if norms:
+            ga = np.concatenate([ra.get(sa[r].name) for r in norms])
+            gb = np.concatenate([rb.get(sb[r].name) for r in norms])
+            if ga.shape == gb.shape:
+                lm.norm_raw_cos, lm.norm_centered = round(_cos(ga, gb), 4), round(_pearson(ga, gb), 4)
+        lm.similarity = float(np.mean(cosines)) if cosines else None
+
+
+def _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence) -> tuple[str, str, list[str]]:
+    changes: list[str] = []
+    if p >= INDEPENDENT_P:
+        evidence.append("no layer of B is closer to a layer of A than chance")
+        return "independent", "unknown", changes
+    if p >= DERIVED_P:
+        evidence.append("weak evidence only: some similarity, not enough to call")
+        return "inconclusive", "unknown", changes
+    sims = [m.similarity for m in layers if m.similarity is not None]
+    mean_sim = float(np.mean(sims)) if sims else float(np.mean([m.fingerprint for m in layers] or [0]))
+    a_used = {m.a for m in layers}
+    b_used = {m.b for m in layers}
+    dropped = [l for l in la if l not in a_used]
+    b_extra = [l for l in lb if l not in b_used]
+    dup = len(layers) - len(a_used)
+    if dropped:
+        changes.append(f"layers of A not found in B: {_ranges(dropped)}")
+    if b_extra:
+        changes.append(f"layers of B with no counterpart in A: {_ranges(b_extra)}")
+    if dup:
+        changes.append(f"{dup} layer(s) of A appear more than once in B")
+    notes = sorted({n for m in layers for n in m.notes})
+    changes += notes
+    if vocab.get("added"):
+        changes.append(f"vocabulary: {vocab['added']} token rows added")
+    if vocab.get("reordered"):
+        changes.append(f"vocabulary: {vocab['reordered']} shared tokens moved to other ids")
+    moved = sorted(((t["cos"], f"blk.{m.b}.{r}") for m in layers for r, t in m.tensors.items()
+                    if t.get("cos") is not None), key=lambda x: x[0])[:3]
+    if moved and moved[0][0] < 0.99999:
+        changes.append("tensors that moved most: " + ", ".join(f"{n} (cos {c:.3f})" for c, n in moved))
+    coverage = len(b_used) / max(len(lb), 1)
+    evidence.append(f"{len(layers)} of B's {len(lb)} layers matched to A's; mean aligned cosine {mean_sim:.3f}")
+    ln = [m for m in layers if m.norm_raw_cos is not None]
+    if ln:
+        evidence.append(f"norm gains: raw cosine {np.mean([m.norm_raw_cos for m in ln]):.3f}, centred "
+                        f"{np.mean([m.norm_centered for m in ln]):.3f} (raw cosine is high for any two models; "
+                        "not used as evidence)")
+    verdict = "derived" if mean_sim >= 0.5 and coverage >= 0.5 else "related"
+    relation = _relation(layers, dropped, b_extra, dup, vocab, fa, fb, mean_sim)
+    return verdict, relation, changes
+
+
+def _relation(layers, dropped, b_extra, dup, vocab, fa, fb, mean_sim) -> str:
+    if dropped and not b_extra and not dup:
+        return "pruned"
+    if b_extra or dup or (vocab.get("added") or 0) > 0:
+        return "expanded"
+    cos = [t["cos"] for m in layers for t in m.tensors.values() if t.get("cos") is not None]
+    if not cos:
+        return "unknown"
+    if min(cos) > 0.99999:
+        return "copy"
+    q_a = {k for k in fa.storage if k.upper().startswith(("Q", "I8", "U8", "IQ"))}
+    q_b = {k for k in fb.storage if k.upper().startswith(("Q", "I8", "U8", "IQ"))}
+    if q_a != q_b and min(cos) > 0.9:
+        return "quantized"
+    per_role: dict[str, list[float]] = {}
+    for m in layers:
+        for r, t in m.tensors.items():
+            if t.get("cos") is not None:
+                per_role.setdefault(r, []).append(t["cos"])
+    untouched = [r for r, v in per_role.items() if min(v) > 0.99999]
+    touched = [r for r, v in per_role.items() if min(v) <= 0.99999]
+    energies = [t["delta_rank16_energy"] for m in layers for r, t in m.tensors.items() if "delta_rank16_energy" in t]
+    if untouched and touched and energies and float(np.median(energies)) > 0.9:
+        return "adapter-merge"
+    if mean_sim >= 0.3:
+        return "finetune"
+    return "unknown"
+
+
+def _ranges(ids: list[int]) -> str:
+    out, start, prev = [], None, None
+    for i in ids:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(out)
+
+
+def _no_evidence(a, b, va, vb, evidence, t0) -> VerifyResult:
+    return VerifyResult(str(a), str(b), "inconclusive", 1.0, "unknown", 0.0, 0.0, 0.0, 0.0, [], np.zeros((0, 0)),
+                        [], [], va, vb, {}, [], evidence, time.perf_counter() - t0)
+
+
+def summary_lines(res: VerifyResult) -> list[str]:
+    """A few lines of human output explaining the verdict."""
+    head = f"verdict: {res.verdict}   p = {res.p_value:.3g}   relation: {res.relation}"
+    return [head] + [f"  - {e}" for e in res.evidence] + [f"  * {c}" for c in res.changes]

@@ -1,0 +1,220 @@
+"""A task model: any classifier/regressor taoke trains, with one interface and one on-disk format.
+
+Every task model is an nn.Module whose `forward(**inputs)` returns logits (or predictions for
+regression) and whose head can be read and replaced with `get_head` / `set_head`.
+
+On disk, `model/` holds `taoke.json` (task, architecture, labels, input preprocessing, head edits)
+next to the weights. Transformer models are saved with `save_pretrained`, so plain transformers
+loads them (`AutoModelForSequenceClassification`) whenever the head is the stock one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from taoke import __version__
+from taoke.errors import ModelError, RecipeError
+from taoke.models.scratch import ScratchModel, build_scratch
+from taoke.utils import atomic_path, write_json_atomic
+
+HEAD_ATTRS = ("classifier", "score", "head")
+META_FILE = "taoke.json"
+
+
+class HFClassifier(nn.Module):
+    """Wraps a transformers *ForSequenceClassification model so it takes **inputs and returns logits."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, **inputs) -> torch.Tensor:
+        inputs.pop("labels", None)
+        return self.hf(**inputs).logits
+
+    def features(self, **inputs) -> torch.Tensor:
+        """The pooled vector the head reads (used for probes and diagnostics)."""
+        out = self.hf.base_model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return _mean_pool(out.last_hidden_state, inputs["attention_mask"])
+
+
+def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _head_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    owner = model.hf if isinstance(model, HFClassifier) else model
+    for attr in HEAD_ATTRS:
+        if isinstance(getattr(owner, attr, None), nn.Module):
+            return owner, attr
+    raise ModelError(f"{type(owner).__name__} has no recognisable head ({', '.join(HEAD_ATTRS)}).")
+
+
+def get_head(model: nn.Module) -> nn.Module:
+    owner, attr = _head_owner(model)
+    return getattr(owner, attr)
+
+
+def set_head(model: nn.Module, head: nn.Module) -> None:
+    owner, attr = _head_owner(model)
+    setattr(owner, attr, head)
+
+
+def head_io(model: nn.Module) -> tuple[int, int]:
+    """(input features, outputs) of the head, whatever stack of layers it has become."""
+    head = get_head(model)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"head {type(head).__name__} has no Linear layer; cannot edit it.")
+    return linears[0].in_features, linears[-1].out_features
+
+
+def build_head(in_features: int, outputs: int, hidden: list[int] | None = None, dropout: float = 0.0,
+               activation: str = "relu") -> nn.Module:
+    if not hidden:
+        return nn.Linear(in_features, outputs)
+    act = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}[activation]
+    layers, d = [], in_features
+    for h in hidden:
+        layers += [nn.Linear(d, h), act(), nn.Dropout(dropout)]
+        d = h
+    layers.append(nn.Linear(d, outputs))
+    return nn.Sequential(*layers)
+
+
+def apply_head_spec(model: nn.Module, spec: dict | None) -> None:
+    """Rebuild the head from its recorded spec (used when loading an edited model)."""
+    if not spec:
+        return
+    in_f, _ = head_io(model)
+    set_head(model, build_head(in_f, spec["outputs"], spec.get("hidden"), spec.get("dropout", 0.0),
+                               spec.get("activation", "relu")))
+
+
+def scratch_kwargs(arch: str, recipe_cfg: dict, derived: dict) -> dict:
+    """Merge recipe sizes with data-derived ones, rejecting unknown keys by name."""
+    from taoke.models import scratch as S
+
+    cls = {"cnn": S.CNN, "mlp": S.MLP, "lstm": S.RNNClassifier, "gru": S.RNNClassifier,
+           "transformer": S.TransformerClassifier}[arch]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_outputs", "cell")]
+    for key in recipe_cfg:
+        if key not in allowed:
+            import difflib
+
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean 'model.{close[0]}'?" if close else ""
+            raise RecipeError(f"unknown key 'model.{key}' for scratch:{arch}.{hint} Valid: {', '.join(allowed)}.")
+    merged = {**{k: v for k, v in derived.items() if k in allowed}, **recipe_cfg}
+    return merged
+
+
+def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, regression: bool,
+                       dropout: float | None = None) -> HFClassifier:
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    config.num_labels = num_labels
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    config.problem_type = "regression" if regression else "single_label_classification"
+    if dropout is not None:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout"):
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = getattr(config, "eos_token_id", None) or 0
+    # The fresh head is expected to be missing from the base; silence transformers' warning about it.
+    level = logging.getLogger("transformers.modeling_utils").level
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"{path}: architecture '{config.model_type}' cannot be loaded for sequence "
+                         f"classification ({e}).") from None
+    finally:
+        logging.getLogger("transformers.modeling_utils").setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+    return HFClassifier(hf)
+
+
+def save_task_model(model: nn.Module, out_dir: Path, meta: dict, tokenizer=None) -> None:
+    """Write model/ : weights + taoke.json (+ tokenizer). Files are written to temp names, then renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "taoke-task-model", "taoke_version": __version__, **meta}
+    if isinstance(model, HFClassifier):
+        model.hf.config.taoke = {"task": meta["task"]}
+        model.hf.save_pretrained(out_dir, safe_serialization=True)
+    else:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(out_dir / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    write_json_atomic(out_dir / META_FILE, meta)
+
+
+def read_meta(model_dir: Path) -> dict:
+    meta_path = Path(model_dir) / META_FILE
+    if not meta_path.exists():
+        raise ModelError(f"{model_dir}: no {META_FILE}; this is not a taoke task model. "
+                         "Give a run directory (runs/<name>-<time>) or its model/ folder.")
+    return json.loads(meta_path.read_text())
+
+
+def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
+    """Load model/ back: returns (model, meta, tokenizer or None)."""
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    tokenizer = None
+    if meta["arch"] == "hf":
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(model_dir)
+        model = HFClassifier(AutoModelForSequenceClassification.from_config(config))
+        apply_head_spec(model, meta.get("head"))
+        state = {}
+        for f in sorted(model_dir.glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = model.hf.load_state_dict(state, strict=False)
+        # Tied/buffer entries (e.g. position_ids) may be absent from a checkpoint; real weights may not.
+        real_missing = [k for k in missing if not k.endswith("position_ids")]
+        if real_missing or unexpected:
+            raise ModelError(f"{model_dir}: weights do not match the architecture "
+                             f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}).")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        arch = meta["arch"].split(":", 1)[1]
+        model = build_scratch(arch, meta["num_outputs_base"], meta["arch_config"])
+        apply_head_spec(model, meta.get("head"))
+        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        if (model_dir / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    model.to(device).eval()
+    return model, meta, tokenizer
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+__all__ = ["HFClassifier", "ScratchModel", "get_head", "set_head", "head_io", "build_head", "apply_head_spec",
+           "load_hf_classifier", "save_task_model", "load_task_model", "read_meta", "count_parameters",
+           "scratch_kwargs"]
