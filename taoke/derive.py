@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from taoke.adapt.methods import adapt
-from taoke.data.encode import encode_frame, targets_of, text_column
+from taoke.data.encode import encode_frame, targets_of, text_column, to_target_units
 from taoke.data.image import augment as augment_images
 from taoke.data.prepare import TASK_INPUT, DataPlan, prepare_data
 from taoke.data.text import train_word_tokenizer
@@ -35,7 +35,7 @@ from taoke.models.scratch import build_scratch
 from taoke.models.task_model import (HFClassifier, apply_head_spec, head_io, load_hf_classifier, load_task_model,
                                      read_meta, save_task_model, scratch_kwargs)
 from taoke.recipe import Recipe, load_recipe, recipe_to_yaml
-from taoke.train.loop import fit, predict
+from taoke.train.loop import fit, predict, seed_everything
 from taoke.utils import sha256_bytes, write_json_atomic, write_text_atomic
 
 console = Console(stderr=True)
@@ -140,7 +140,7 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
     if not labels_changed and current_out != outputs:
         labels_changed = True
     head_spec, records = apply_edits(model, edits, outputs, labels_changed, head_spec)
-    meta = {"task": recipe.task, "arch": arch_name, "arch_config": arch_cfg, "num_outputs_base": num_outputs_base,
+    meta = {"target_scale": plan.spec.get("target_scale"), "task": recipe.task, "arch": arch_name, "arch_config": arch_cfg, "num_outputs_base": num_outputs_base,
             "labels": plan.labels, "label_column": plan.spec["label_column"], "inputs": plan.spec["inputs"],
             "head": head_spec}
     return Built(model, tokenizer, meta, records)
@@ -180,14 +180,16 @@ def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: t
     regression, labels = plan.regression, plan.labels
     inputs = plan.spec["inputs"]
     train, test = plan.splits["train"], plan.splits["test"]
-    y_train = targets_of(train, plan.spec).numpy()
-    y_test = test_targets.numpy()
+    y_train = to_target_units(targets_of(train, plan.spec), plan.spec).numpy()
+    y_test = to_target_units(test_targets, plan.spec).numpy()
     rows, notes = [], []
     if base.format == "run":
         parent, parent_meta, tok = load_task_model(base.path)
         if parent_meta.get("labels") == labels:
-            out = predict(parent, encode_frame(test, parent_meta, tok), recipe.eval.batch_size)
-            rows.append(("parent", metrics_from_outputs(out, test_targets, regression, labels)))
+            enc = encode_frame(test, parent_meta, tok)
+            out = predict(parent, enc, recipe.eval.batch_size)
+            rows.append(("parent", metrics_from_outputs(to_target_units(out, parent_meta),
+                                                        to_target_units(enc.targets, parent_meta), regression, labels)))
             notes.append(f"parent = the run this model derives from ({base.name}), scored as is.")
         else:
             notes.append("parent has a different label set; it cannot be scored on this test split.")
@@ -231,6 +233,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
 
         return derive_lm(recipe, base, out, quiet=quiet)
     # 2. data
+    seed_everything(recipe.train.seed)  # model init (new heads, scratch weights) is seeded too
     plan = prepare_data(recipe)
     # 3. model + structure edits + adaptation
     built = build_model(recipe, base, plan)
@@ -265,7 +268,8 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
 
             a = Augment(**aug_cfg)
             augment = lambda b: {**b, "pixel_values": augment_images(b["pixel_values"], a)}  # noqa: E731
-        evaluate = lambda o, t: {k: v for k, v in metrics_from_outputs(o, t, regression).items()  # noqa: E731
+        units = lambda x: to_target_units(x, built.meta)  # noqa: E731
+        evaluate = lambda o, t: {k: v for k, v in metrics_from_outputs(units(o), units(t), regression).items()  # noqa: E731
                                  if not isinstance(v, dict)}
         result = fit(built.model, encoded["train"], encoded.get("validation"), recipe.train, regression=regression,
                      evaluate=evaluate, augment=augment, on_epoch=lambda r: log({"type": "epoch", **r}),
@@ -273,7 +277,8 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
                      quiet=quiet)
         # 6. evaluate derived and base on the same test split
         test_out = predict(built.model, encoded["test"], recipe.eval.batch_size)
-        derived = metrics_from_outputs(test_out, encoded["test"].targets, regression, plan.labels, per_class=True)
+        derived = metrics_from_outputs(units(test_out), units(encoded["test"].targets), regression, plan.labels,
+                                       per_class=True)
         base_rows, notes = evaluate_base(recipe, base, plan, encoded["test"].targets) if recipe.eval.compare_base \
             else ([], [])
         rows = base_rows + [("derived", {k: v for k, v in derived.items() if k != "per_class"})]

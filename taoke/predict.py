@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from taoke.data.encode import encode_frame
+from taoke.data.encode import encode_frame, to_target_units
 from taoke.data.load import load_source
 from taoke.errors import DataError, ModelError
 from taoke.evaluate.metrics import metrics_from_outputs
@@ -67,7 +67,8 @@ def evaluate_model(ref: str, data: str | None, split: str | None) -> dict:
     model, meta, tokenizer = load_task_model(model_dir, pick_device())
     encoded = encode_frame(frame, meta, tokenizer)
     outputs = predict(model, encoded)
-    metrics = metrics_from_outputs(outputs, encoded.targets, meta["labels"] is None, meta["labels"], per_class=True)
+    metrics = metrics_from_outputs(to_target_units(outputs, meta), to_target_units(encoded.targets, meta),
+                                   meta["labels"] is None, meta["labels"], per_class=True)
     return {"model": str(ref), "data": source, "rows": len(frame), "metrics": metrics}
 
 
@@ -104,7 +105,8 @@ def predict_inputs(ref: str, inputs: list[str], file: str | None, output: str | 
         [f"row {i}" for i in range(len(frame))]
     rows = []
     if meta["labels"] is None:
-        rows = [{"input": s, "prediction": float(v)} for s, v in zip(shown, outputs.view(-1).tolist())]
+        values = to_target_units(outputs.view(-1), meta).tolist()
+        rows = [{"input": s, "prediction": float(v)} for s, v in zip(shown, values)]
     else:
         probs = torch.softmax(outputs, -1)
         top = probs.argmax(-1)

@@ -22,8 +22,10 @@ def targets_of(frame: pd.DataFrame, spec: dict) -> torch.Tensor:
     column = spec["label_column"]
     if column not in frame.columns:
         return torch.zeros(len(frame), dtype=torch.float32 if spec["labels"] is None else torch.long)
-    if spec["labels"] is None:  # regression
-        return torch.tensor(pd.to_numeric(frame[column]).to_numpy(dtype=np.float32))
+    if spec["labels"] is None:  # regression: trained on standardised targets, see to_target_units
+        values = torch.tensor(pd.to_numeric(frame[column]).to_numpy(dtype=np.float32))
+        scale = spec.get("target_scale") or {"mean": 0.0, "std": 1.0}
+        return (values - scale["mean"]) / scale["std"]
     index = {name: i for i, name in enumerate(spec["labels"])}
     values = frame[column].astype(str)
     unknown = sorted(set(values) - set(index))
@@ -31,6 +33,14 @@ def targets_of(frame: pd.DataFrame, spec: dict) -> torch.Tensor:
         raise DataError(f"label(s) {', '.join(map(repr, unknown[:5]))} in column '{column}' are unknown to the "
                         f"model, which knows: {', '.join(spec['labels'])}.")
     return torch.tensor([index[v] for v in values], dtype=torch.long)
+
+
+def to_target_units(values: torch.Tensor, spec: dict) -> torch.Tensor:
+    """Regression outputs/targets back in the label's own units (identity for classification)."""
+    scale = spec.get("target_scale")
+    if spec.get("labels") is not None or not scale:
+        return values
+    return values * scale["std"] + scale["mean"]
 
 
 def text_column(frame: pd.DataFrame, inputs: dict) -> list[str]:

@@ -94,6 +94,9 @@ def prepare_data(recipe: Recipe) -> DataPlan:
                 check_known_labels(part, d.label, labels, getattr(d, name) or f"{d.train} ({name} split)")
 
     spec = {"label_column": d.label, "labels": labels, "inputs": _fit_inputs(recipe, kind, splits["train"])}
+    if regression:  # standardised targets train well whatever their units
+        y = pd.to_numeric(splits["train"][d.label]).astype(float)
+        spec["target_scale"] = {"mean": float(y.mean()), "std": float(y.std()) if y.std() > 0 else 1.0}
     row_index = {k: v["__row__"].astype(int).tolist() for k, v in splits.items() if "__row__" in v}
     splits = {k: v.drop(columns=["__row__"], errors="ignore").reset_index(drop=True) for k, v in splits.items()}
     return DataPlan(splits, labels, spec, files, row_index)

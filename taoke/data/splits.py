@@ -31,7 +31,17 @@ def split_frame(frame: pd.DataFrame, label: str, validation: float, test: float,
     strat = frame[label] if stratify else None
     if strat is not None and strat.value_counts().min() < 3:
         strat = None  # a class with < 3 rows cannot be spread over three splits
-    parts = {"train": frame}
+    try:
+        return _split(frame, label, validation, test, seed, strat)
+    except ValueError:
+        if strat is None:
+            raise DataError(f"{len(frame)} rows are too few to split into train/validation/test "
+                            f"({validation}/{test}); add rows or give data.test explicitly.") from None
+        return split_frame(frame, label, validation, test, seed, stratify=False)  # too small to stratify
+
+
+def _split(frame, label, validation, test, seed, strat) -> dict[str, pd.DataFrame]:
+    parts = {}
     rest = frame
     if test > 0:
         rest, parts["test"] = train_test_split(frame, test_size=test, random_state=seed, stratify=strat)
@@ -40,7 +50,7 @@ def split_frame(frame: pd.DataFrame, label: str, validation: float, test: float,
         rest, parts["validation"] = train_test_split(rest, test_size=validation / (1 - test), random_state=seed,
                                                      stratify=strat_rest)
     parts["train"] = rest
-    return {k: v for k, v in parts.items()}
+    return parts
 
 
 def class_labels(train: pd.DataFrame, label: str, source: str) -> list[str]:

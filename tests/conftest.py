@@ -1,0 +1,31 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ROOT / "data" / "chatterbot" / "topics.csv"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Each test gets its own model registry; no hub access."""
+    monkeypatch.setenv("TAOKE_HOME", str(tmp_path / "taoke-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def run_cli(*args, cwd=None, check=True, env_extra=None):
+    """Run the real `taoke` CLI in a subprocess; returns CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-m", "taoke.cli", *map(str, args)], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"taoke {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
