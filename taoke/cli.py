@@ -23,14 +23,20 @@ out = Console()
 
 
 @app.command()
-def derive(recipe: Path = typer.Argument(..., help="recipe YAML file"),
+def derive(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML file"),
            out_dir: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>-<time>)"),
            set_: List[str] = typer.Option([], "--set", help="override a recipe key: --set train.lr=3e-5"),
-           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar")):
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="print the resulting architecture and parameter "
+                                        "counts, then stop"),
+           resume: Optional[Path] = typer.Option(None, "--resume", help="continue a killed run from its checkpoint")):
     """Derive a task model from a base as the recipe says; evaluate it against its base."""
     from taoke.derive import derive as run_derive
 
-    run_derive(str(recipe), str(out_dir) if out_dir else None, set_, quiet=quiet)
+    if (recipe is None) == (resume is None):
+        raise TaokeError("give a RECIPE to start a run, or --resume RUN to continue one")
+    run_derive(str(recipe) if recipe else "", str(out_dir) if out_dir else None, set_, quiet=quiet, dry_run=dry_run,
+               resume=str(resume) if resume else None)
 
 
 @app.command("eval")

@@ -22,7 +22,7 @@ from taoke.data.encode import encode_frame, targets_of, text_column, to_target_u
 from taoke.data.image import augment as augment_images
 from taoke.data.prepare import TASK_INPUT, DataPlan, prepare_data
 from taoke.data.text import train_word_tokenizer
-from taoke.edit.head import apply_edits
+from taoke.edit import EditResult, apply_edits, apply_post_adapt
 from taoke.errors import ModelError, RecipeError
 from taoke.evaluate import baselines
 from taoke.evaluate.metrics import (CLASSIFICATION_METRICS, REGRESSION_METRICS, confusion, metrics_from_outputs)
@@ -51,6 +51,7 @@ class Built:
     tokenizer: object | None
     meta: dict            # what goes to model/taoke.json
     edits: list[dict]
+    edited: EditResult
 
 
 def check_task(recipe: Recipe, base: BaseRef) -> None:
@@ -139,11 +140,12 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
     _, current_out = head_io(model)
     if not labels_changed and current_out != outputs:
         labels_changed = True
-    head_spec, records = apply_edits(model, edits, outputs, labels_changed, head_spec)
-    meta = {"target_scale": plan.spec.get("target_scale"), "task": recipe.task, "arch": arch_name, "arch_config": arch_cfg, "num_outputs_base": num_outputs_base,
+    arch_cfg = dict(arch_cfg)
+    edited = apply_edits(model, tokenizer, edits, outputs, labels_changed, head_spec, arch_cfg)
+    meta = {"task": recipe.task, "arch": arch_name, "arch_config": arch_cfg, "num_outputs_base": num_outputs_base,
             "labels": plan.labels, "label_column": plan.spec["label_column"], "inputs": plan.spec["inputs"],
-            "head": head_spec}
-    return Built(model, tokenizer, meta, records)
+            "target_scale": plan.spec.get("target_scale"), "head": edited.head_spec}
+    return Built(model, tokenizer, meta, edited.records, edited)
 
 
 def new_run_dir(recipe: Recipe, out: str | None) -> Path:
@@ -222,9 +224,62 @@ def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: t
     return rows, notes
 
 
+def check_resumable(run_dir: Path, overrides: list[str] | None, out: str | None) -> Path:
+    """A run can resume when it has its recipe and a checkpoint and is not complete."""
+    if overrides or out:
+        raise RecipeError("--resume continues a run exactly as it was: drop --set and --out.")
+    if not (run_dir / "recipe.yaml").exists():
+        raise RecipeError(f"{run_dir}: not a taoke run directory (no recipe.yaml).")
+    if (run_dir / "lineage.json").exists():
+        raise RecipeError(f"{run_dir}: run is already complete; nothing to resume.")
+    if not (run_dir / "checkpoints" / "last.pt").exists():
+        raise RecipeError(f"{run_dir}: no checkpoint yet (killed before the first one); start it again instead.")
+    return run_dir / "recipe.yaml"
+
+
+def truncate_metrics(run_dir: Path) -> None:
+    """Drop metrics logged after the checkpoint being resumed from; they will be logged again."""
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    step, epoch = state["loop"]["step"], state["loop"]["epoch"]
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if (row.get("type") == "step" and row["step"] <= step) or (row.get("type") == "epoch" and row["epoch"] < epoch):
+            keep.append(line)
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def describe(recipe: Recipe, base: BaseRef, built: Built, adaptation: dict, plan: DataPlan) -> None:
+    """--dry-run: the resulting architecture, parameter counts and what changed; nothing is trained or written."""
+    from rich.table import Table
+
+    c = Console()
+    c.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task} (dry run; nothing trained or written)")
+    c.print(f"data rows: {plan.rows()}; outputs: {len(plan.labels) if plan.labels else 1}")
+    c.print(built.model)
+    t = Table(title="parameters")
+    t.add_column("total", justify="right")
+    t.add_column("trainable", justify="right")
+    t.add_column("trainable %", justify="right")
+    total, trainable = adaptation["total_params"], adaptation["trainable_params"]
+    t.add_row(f"{total:,}", f"{trainable:,}", f"{100 * trainable / total:.2f}")
+    c.print(t)
+    c.print(f"adaptation: {recipe.adapt.method}")
+    for e in built.edits or [{"op": "none"}]:
+        c.print("edit: " + ", ".join(f"{k}={v}" for k, v in e.items()))
+
+
 def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None = None,
-           quiet: bool = False) -> Path:
+           quiet: bool = False, dry_run: bool = False, resume: str | None = None) -> Path | None:
     # 1. recipe and base: all checks before anything is written
+    if resume:
+        recipe_path = str(check_resumable(Path(resume), overrides, out))
     recipe, _ = load_recipe(recipe_path, overrides)
     base = resolve(recipe.base)
     check_task(recipe, base)
@@ -238,6 +293,16 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
     # 3. model + structure edits + adaptation
     built = build_model(recipe, base, plan)
     adaptation = adapt(built.model, recipe.adapt)
+    apply_post_adapt(built.model, built.edited)
+    adaptation["trainable_params"] = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+    if adaptation["trainable_params"] == 0:
+        raise RecipeError("the edits and adaptation leave no trainable parameters.")
+    if recipe.adapt.method in ("lora", "dora"):
+        built.meta["adapter"] = {"method": recipe.adapt.method, "merged": recipe.adapt.merge,
+                                 "base": base.name if base.source.startswith(("package:", "hub:")) or
+                                 base.source == "scratch" else str(base.run_dir or base.path)}
+    if dry_run:
+        return describe(recipe, base, built, adaptation, plan)
     regression = plan.regression
     metric_names = list(REGRESSION_METRICS) if regression else \
         [m for m in recipe.eval.metrics if m in CLASSIFICATION_METRICS] or ["accuracy", "macro_f1"]
@@ -250,8 +315,10 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
     encoded = {k: encode_frame(v, built.meta, built.tokenizer) for k, v in plan.splits.items()}
 
     # 4. run directory (from here on, a failure leaves status.json saying so)
-    run_dir = new_run_dir(recipe, out)
+    run_dir = Path(resume) if resume else new_run_dir(recipe, out)
     recipe_yaml = recipe_to_yaml(recipe)
+    if resume:
+        truncate_metrics(run_dir)
     write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
     write_json_atomic(run_dir / "status.json", {"state": "running"})
     write_json_atomic(run_dir / "splits.json", {"source": recipe.data.train, "rows": plan.row_index})
@@ -274,7 +341,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
         result = fit(built.model, encoded["train"], encoded.get("validation"), recipe.train, regression=regression,
                      evaluate=evaluate, augment=augment, on_epoch=lambda r: log({"type": "epoch", **r}),
                      on_step=lambda r: log({"type": "step", **r}), checkpoint_dir=run_dir / "checkpoints",
-                     quiet=quiet)
+                     resume=bool(resume), quiet=quiet)
         # 6. evaluate derived and base on the same test split
         test_out = predict(built.model, encoded["test"], recipe.eval.batch_size)
         derived = metrics_from_outputs(units(test_out), units(encoded["test"].targets), regression, plan.labels,
@@ -298,7 +365,8 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
         plots.append("comparison.png")
 
         # 8. model, lineage, card, report
-        relation = "finetune"
+        # HF's base_model_relation: an unmerged LoRA is an adapter; a merged one is a fine-tune of one base.
+        relation = "adapter" if "adapter" in built.meta and not recipe.adapt.merge else "finetune"
         lineage = build_lineage(
             name=recipe.name, run_id=run_dir.name, task=recipe.task, base=base, relation=relation,
             edits=built.edits, adaptation=adaptation,

@@ -104,10 +104,33 @@ class InsertHidden(Strict):
 
 
 class ReplaceHead(Strict):
-    pass
+    outputs: int | None = Field(None, gt=0)   # must agree with the data's label count when given
 
 
-EDITS: dict[str, type[Strict]] = {"insert_hidden": InsertHidden, "replace_head": ReplaceHead}
+class DropLayers(Strict):
+    keep: list[int] | None = None     # explicit layer indices to keep
+    every: int | None = Field(None, ge=2)  # or keep every k-th layer
+
+
+class ExpandLayers(Strict):
+    after: list[int]                  # insert an identity-initialised copy after each of these layers
+    train_only_new: bool = True       # LLaMA-Pro: only the new blocks (and the head) train
+
+
+class Freeze(Strict):
+    layers: list[int] | None = None
+    pattern: list[str] | str | None = None   # parameter-name glob(s) or substrings
+
+
+class ExpandVocab(Strict):
+    tokens: list[str] | None = None
+    file: str | None = None
+    init: Literal["mean", "subtoken"] = "subtoken"
+
+
+EDITS: dict[str, type[Strict]] = {"insert_hidden": InsertHidden, "replace_head": ReplaceHead,
+                                  "drop_layers": DropLayers, "expand_layers": ExpandLayers, "freeze": Freeze,
+                                  "expand_vocab": ExpandVocab}
 
 
 class AdaptConfig(Strict):
@@ -143,6 +166,7 @@ class TrainConfig(Strict):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
+    checkpoint_every: int | None = Field(50, gt=0)   # optimizer steps between resumable checkpoints
 
 
 class EvalConfig(Strict):

@@ -1,9 +1,10 @@
+import pytest
 import torch
 
 from taoke.recipe import TrainConfig
 from taoke.models.scratch import build_scratch
 from taoke.train.batches import Encoded, batch_indices
-from taoke.train.loop import fit, predict, save_checkpoint, seed_everything
+from taoke.train.loop import fit, predict, save_checkpoint, seed_everything, LoopState
 
 
 def digits_encoded(n=400):
@@ -53,7 +54,35 @@ def test_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
     model = build_scratch("mlp", 2, {"in_features": 4, "hidden": (4,)})
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp_path, model, opt, sched, 1, 5, torch.Generator())
+    save_checkpoint(tmp_path, model, opt, sched, LoopState(step=5))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     state = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert state["step"] == 5
+    assert state["loop"]["step"] == 5
+
+
+def test_resume_mid_epoch_is_bit_identical(tmp_path):
+    """Train 3 epochs straight; separately stop after a mid-epoch checkpoint and resume: same weights."""
+    data = digits_encoded(300)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, checkpoint_every=4, precision="fp32", dropout=None)
+
+    def model():
+        seed_everything(0)
+        return build_scratch("cnn", 10, {"in_channels": 1, "image_size": 8, "channels": (8, 16), "dropout": 0.3})
+
+    straight = model()
+    fit(straight, data, None, cfg, regression=False, quiet=True)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(row):
+        if row["step"] == 20:  # after the checkpoint at step 16 (mid epoch 2), before the next one
+            raise Stop
+
+    interrupted = model()
+    with pytest.raises(Stop):
+        fit(interrupted, data, None, cfg, regression=False, quiet=True, checkpoint_dir=tmp_path, on_step=stop_at)
+    resumed = model()
+    fit(resumed, data, None, cfg, regression=False, quiet=True, checkpoint_dir=tmp_path, resume=True)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

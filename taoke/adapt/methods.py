@@ -35,8 +35,11 @@ def adapt(model: nn.Module, cfg: AdaptConfig) -> dict:
     """Set requires_grad per the method; returns a record with trainable/total counts."""
     method = cfg.method
     if method in ("lora", "dora"):
-        raise RecipeError(f"adapt.method '{method}' is not available for classification models in this version; "
-                          "use full, freeze or head.")
+        from taoke.adapt.lora import apply_lora
+
+        extra = apply_lora(model, cfg)
+        total, trainable = count_parameters(model)
+        return {**cfg.model_dump(exclude_none=True), **extra, "trainable_params": trainable, "total_params": total}
     for p in model.parameters():
         p.requires_grad = method != "head"
     if method == "head":

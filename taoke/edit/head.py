@@ -22,23 +22,3 @@ def insert_hidden(model: nn.Module, outputs: int, cfg: InsertHidden) -> dict:
     in_f, _ = head_io(model)
     set_head(model, build_head(in_f, outputs, cfg.units, cfg.dropout, cfg.activation))
     return {"outputs": outputs, "hidden": list(cfg.units), "dropout": cfg.dropout, "activation": cfg.activation}
-
-
-def apply_edits(model: nn.Module, edits: list[tuple[str, object]], outputs: int, labels_changed: bool,
-                head_spec: dict | None) -> tuple[dict | None, list[dict]]:
-    """Apply recipe edits in order. Returns the head spec to save and the edit records for lineage."""
-    records = []
-    ops = [op for op, _ in edits]
-    if labels_changed and "replace_head" not in ops and "insert_hidden" not in ops:
-        head_spec = replace_head(model, outputs)
-        records.append({"op": "replace_head", "automatic": True, "reason": "label set differs from the base's",
-                        "outputs": outputs})
-    for op, cfg in edits:
-        before = sum(p.numel() for p in model.parameters())
-        if op == "replace_head":
-            head_spec = replace_head(model, outputs)
-        elif op == "insert_hidden":
-            head_spec = insert_hidden(model, outputs, cfg)
-        after = sum(p.numel() for p in model.parameters())
-        records.append({"op": op, **cfg.model_dump(), "params_before": before, "params_after": after})
-    return head_spec, records

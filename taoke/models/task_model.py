@@ -155,7 +155,16 @@ def save_task_model(model: nn.Module, out_dir: Path, meta: dict, tokenizer=None)
     """Write model/ : weights + taoke.json (+ tokenizer). Files are written to temp names, then renamed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"format": "taoke-task-model", "taoke_version": __version__, **meta}
-    if isinstance(model, HFClassifier):
+    adapter = meta.get("adapter")
+    if isinstance(model, HFClassifier) and adapter:
+        # LoRA/DoRA: the adapter always; with merge, also the merged full model (plain transformers loads it).
+        if adapter["merged"]:
+            model.hf.save_pretrained(out_dir / "adapter")
+            model.hf = model.hf.merge_and_unload()
+            model.hf.save_pretrained(out_dir, safe_serialization=True)
+        else:
+            model.hf.save_pretrained(out_dir)
+    elif isinstance(model, HFClassifier):
         model.hf.config.taoke = {"task": meta["task"]}
         model.hf.save_pretrained(out_dir, safe_serialization=True)
     else:
@@ -180,7 +189,12 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     tokenizer = None
-    if meta["arch"] == "hf":
+    if meta["arch"] == "hf" and meta.get("adapter") and not meta["adapter"]["merged"]:
+        from transformers import AutoTokenizer
+
+        model = load_adapter_model(model_dir, meta)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    elif meta["arch"] == "hf":
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         config = AutoConfig.from_pretrained(model_dir)
@@ -207,6 +221,22 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model.to(device).eval()
     return model, meta, tokenizer
+
+
+def load_adapter_model(adapter_dir: Path, meta: dict) -> HFClassifier:
+    """The base (as recorded at derive time) with the LoRA/DoRA adapter in `adapter_dir` applied."""
+    from peft import PeftModel
+
+    from taoke.library import resolve
+
+    base = resolve(meta["adapter"]["base"])
+    if base.format == "run":
+        model, _, _ = load_task_model(base.path)
+    else:
+        model = load_hf_classifier(base.path, meta["num_outputs_base"], meta["labels"], meta["labels"] is None)
+    apply_head_spec(model, meta.get("head"))
+    model.hf = PeftModel.from_pretrained(model.hf, str(adapter_dir))
+    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

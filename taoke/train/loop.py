@@ -101,12 +101,32 @@ def _monitor_mode(metric: str, mode: str) -> str:
     return "min" if any(k in metric for k in ("loss", "mae", "rmse", "mse")) else "max"
 
 
+@dataclass
+class LoopState:
+    """Where training is: everything a resumed run needs to continue as if never stopped."""
+    epoch: int = 1
+    batch: int = 0                 # next batch index within the epoch
+    step: int = 0
+    seen: int = 0
+    running: float = 0.0
+    count: int = 0
+    bad_epochs: int = 0
+    best_value: float | None = None
+    best_epoch: int = 0
+    history: list = field(default_factory=list)
+    epoch_gen_state: list | None = None   # batch-order generator state at the start of the epoch
+
+
 def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainConfig, *, regression: bool,
         evaluate: Callable[[torch.Tensor, torch.Tensor], dict] | None = None,
         augment: Callable[[dict], dict] | None = None, on_epoch: Callable[[dict], None] | None = None,
         on_step: Callable[[dict], None] | None = None, checkpoint_dir: Path | None = None,
-        quiet: bool = False) -> FitResult:
-    """Train `model` in place; at the end it holds the weights of the best validation epoch."""
+        resume: bool = False, quiet: bool = False) -> FitResult:
+    """Train `model` in place; at the end it holds the weights of the best validation epoch.
+
+    With `checkpoint_dir`, the full state is saved every `cfg.checkpoint_every` optimizer steps and at
+    each epoch end; `resume=True` continues from the last checkpoint there, bit-identically on CPU.
+    """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
@@ -125,20 +145,34 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
     es = cfg.early_stopping
     monitor = es.metric if es else "val_loss"
     mode = _monitor_mode(monitor, es.mode if es else "auto")
-    result = FitResult(monitor=monitor)
-    best_state, bad_epochs, step, seen = None, 0, 0, 0
+    st = LoopState()
+    if resume and checkpoint_dir is not None and (checkpoint_dir / "last.pt").exists():
+        st = load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
     start = time.perf_counter()
+    seen_at_start = st.seen
+
+    def checkpoint(next_epoch: int, next_batch: int, epoch_gen_state) -> None:
+        if checkpoint_dir is not None:
+            st.epoch, st.batch, st.epoch_gen_state = next_epoch, next_batch, epoch_gen_state
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, st)
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
                         TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet, transient=False)
+    stop = False
     with progress:
-        task = progress.add_task("train", total=total_steps, loss=float("nan"), rate=0.0)
-        for epoch in range(1, epochs + 1):
+        task = progress.add_task("train", total=total_steps, completed=st.step, loss=float("nan"), rate=0.0)
+        for epoch in range(st.epoch, epochs + 1):
             model.train()
+            if st.epoch_gen_state is not None and epoch == st.epoch:
+                gen.set_state(torch.tensor(st.epoch_gen_state, dtype=torch.uint8))  # same batch order as before
+            epoch_gen_state = gen.get_state().tolist()
             batches = batch_indices(train, cfg.batch_size, shuffle=True, generator=gen)
-            running, count = 0.0, 0
-            for i, idx in enumerate(batches):
+            first = st.batch if epoch == st.epoch else 0
+            if first == 0:
+                st.running, st.count = 0.0, 0
+            for i in range(first, len(batches)):
+                idx = batches[i]
                 batch = to_device(train.batch(idx), device)
                 if augment is not None:
                     batch = augment(batch)
@@ -147,9 +181,9 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
                     outputs = model(**batch)
                 loss = compute_loss(outputs, targets, regression) / cfg.grad_accum
                 loss.backward()
-                running += loss.item() * cfg.grad_accum * len(idx)
-                count += len(idx)
-                seen += len(idx)
+                st.running += loss.item() * cfg.grad_accum * len(idx)
+                st.count += len(idx)
+                st.seen += len(idx)
                 if (i + 1) % cfg.grad_accum and i + 1 != len(batches):
                     continue
                 if cfg.max_grad_norm:
@@ -157,55 +191,85 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                rate = seen / (time.perf_counter() - start)
-                progress.update(task, advance=1, loss=running / max(count, 1), rate=rate)
-                if on_step is not None and (step % 10 == 0 or step == total_steps):
-                    on_step({"step": step, "epoch": epoch, "train_loss": running / max(count, 1),
+                st.step += 1
+                rate = (st.seen - seen_at_start) / (time.perf_counter() - start)
+                train_loss = st.running / max(st.count, 1)
+                progress.update(task, advance=1, loss=train_loss, rate=rate)
+                if on_step is not None and (st.step % 10 == 0 or st.step == total_steps):
+                    on_step({"step": st.step, "epoch": epoch, "train_loss": train_loss,
                              "lr": scheduler.get_last_lr()[0], "samples_per_s": rate})
-                if step >= total_steps:
+                if st.step >= total_steps:
                     break
+                if cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and i + 1 < len(batches):
+                    checkpoint(epoch, i + 1, epoch_gen_state)
 
-            row = {"epoch": epoch, "step": step, "train_loss": running / max(count, 1)}
+            row = {"epoch": epoch, "step": st.step, "train_loss": st.running / max(st.count, 1)}
             if val is not None and len(val):
                 outputs = predict(model, val, cfg.batch_size * 2, device, cfg.precision)
                 row["val_loss"] = compute_loss(outputs, val.targets, regression).item()
                 if evaluate is not None:
                     row.update({f"val_{k}": v for k, v in evaluate(outputs, val.targets).items()})
-            result.history.append(row)
+            st.history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
 
             value = row.get(monitor)
-            if value is None:
-                best_state = None  # nothing to monitor: keep the last weights
-            elif result.best_value is None or (value < result.best_value if mode == "min" else value > result.best_value):
-                result.best_value, result.best_epoch, bad_epochs = value, epoch, 0
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-            else:
-                bad_epochs += 1
-                if es and bad_epochs >= es.patience:
-                    result.stopped_early = True
-                    break
-            if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, model, optimizer, scheduler, epoch, step, gen)
-            if step >= total_steps:
+            if value is not None and (st.best_value is None or
+                                      (value < st.best_value if mode == "min" else value > st.best_value)):
+                st.best_value, st.best_epoch, st.bad_epochs = value, epoch, 0
+                if checkpoint_dir is not None:
+                    save_best(checkpoint_dir, model)
+                else:
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            elif value is not None:
+                st.bad_epochs += 1
+                stop = bool(es and st.bad_epochs >= es.patience)
+            checkpoint(epoch + 1, 0, gen.get_state().tolist())
+            if stop or st.step >= total_steps:
                 break
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.seconds = time.perf_counter() - start
-    result.samples_per_s = seen / result.seconds if result.seconds else 0.0
-    return result
+    if st.best_value is not None:  # end on the best validation epoch's weights
+        if checkpoint_dir is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(checkpoint_dir / "best.safetensors")))
+        else:
+            model.load_state_dict(best_state)
+    seconds = time.perf_counter() - start
+    return FitResult(history=st.history, best_epoch=st.best_epoch, best_value=st.best_value, monitor=monitor,
+                     seconds=seconds, samples_per_s=(st.seen - seen_at_start) / seconds if seconds else 0.0,
+                     stopped_early=stop)
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, epoch: int, step: int,
-                    gen: torch.Generator) -> None:
+def save_best(directory: Path, model) -> None:
+    from safetensors.torch import save_file
+
+    from taoke.utils import atomic_path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "best.safetensors") as tmp:
+        save_file(state, str(tmp))
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, st: LoopState) -> None:
     """Everything needed to continue: written to a temp file, then renamed, so a kill never leaves half a file."""
+    from dataclasses import asdict
+
     from taoke.utils import atomic_path
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(), "gen_rng": gen.get_state()}
+             "loop": asdict(st), "torch_rng": torch.get_rng_state()}
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / "last.pt") as tmp:
         torch.save(state, tmp)
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> LoopState:
+    # weights_only: a checkpoint is data, never code.
+    state = torch.load(directory / "last.pt", weights_only=True, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return LoopState(**state["loop"])

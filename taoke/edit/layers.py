@@ -1,0 +1,101 @@
+"""Depth edits on transformer stacks: drop layers (as MiniLM-L6 was cut from MiniLM-L12) and insert
+new blocks initialised as identity (LLaMA-Pro block expansion) that can be trained alone."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from torch import nn
+
+from taoke.errors import RecipeError
+from taoke.models.task_model import HFClassifier
+
+# Output projections of a residual block: zeroing them makes a pre-norm block the identity.
+OUTPUT_PROJECTIONS = re.compile(r"(^|\.)(o_proj|down_proj|out_proj|linear2|c_proj|attention\.output\.dense|"
+                                r"output\.dense|dense_4h_to_h|fc2|wo)$")
+STACK_PATHS = ("encoder.layer", "layers", "h", "transformer.layer", "encoder.layers", "model.layers",
+               "transformer.h", "encoder.encoder.layers")
+
+
+def find_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(owner, attribute, blocks) of the main layer stack of a model."""
+    root = model.hf.base_model if isinstance(model, HFClassifier) else model
+    for path in STACK_PATHS:
+        owner, parts = root, path.split(".")
+        try:
+            for part in parts[:-1]:
+                owner = getattr(owner, part)
+            stack = getattr(owner, parts[-1])
+        except AttributeError:
+            continue
+        if isinstance(stack, nn.ModuleList) and len(stack):
+            return owner, parts[-1], stack
+    raise RecipeError(f"{type(root).__name__} has no transformer layer stack to edit "
+                      "(layer edits need a transformer: an HF model or scratch:transformer).")
+
+
+def _check_indices(indices: list[int], n: int, key: str) -> None:
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise RecipeError(f"edits.{key}: layer index {bad[0]} is out of range; the model has {n} layers (0..{n - 1}).")
+
+
+def _sync_config(model: nn.Module, n: int, arch_config: dict) -> None:
+    if isinstance(model, HFClassifier):
+        model.hf.config.num_hidden_layers = n
+        layers = find_stack(model)[2]
+        for i, block in enumerate(layers):  # decoder KV caches index layers by position
+            for m in block.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = i
+        if hasattr(model.hf.config, "layer_types") and model.hf.config.layer_types:
+            model.hf.config.layer_types = model.hf.config.layer_types[:1] * n
+    elif "layers" in arch_config or hasattr(model, "encoder"):
+        arch_config["layers"] = n
+
+
+def drop_layers(model: nn.Module, keep: list[int] | None, every: int | None, arch_config: dict) -> dict:
+    owner, attr, stack = find_stack(model)
+    n = len(stack)
+    if keep is None:
+        if not every or every < 2:
+            raise RecipeError("edits.drop_layers: give keep: [indices] or every: k (k >= 2)")
+        keep = list(range(every - 1, n, every))  # keep every k-th layer, as MiniLM-L6 keeps 1,3,5,... of L12
+    _check_indices(keep, n, "drop_layers.keep")
+    if not keep:
+        raise RecipeError("edits.drop_layers: no layer would remain")
+    setattr(owner, attr, nn.ModuleList([stack[i] for i in sorted(set(keep))]))
+    _sync_config(model, len(set(keep)), arch_config)
+    return {"layers_before": n, "kept": sorted(set(keep)), "layers_after": len(set(keep))}
+
+
+def expand_layers(model: nn.Module, after: list[int], arch_config: dict) -> tuple[dict, list[str]]:
+    """Insert a copy of block i after block i, with its output projections zeroed.
+
+    Returns the record and the parameter-name prefixes of the new blocks (for `train_only_new`)."""
+    owner, attr, stack = find_stack(model)
+    n = len(stack)
+    _check_indices(after, n, "expand_layers.after")
+    blocks, new_positions = [], []
+    for i, block in enumerate(stack):
+        blocks.append(block)
+        if i in after:
+            new = copy.deepcopy(block)
+            zeroed = 0
+            for name, m in new.named_modules():
+                if OUTPUT_PROJECTIONS.search(name) and hasattr(m, "weight"):
+                    nn.init.zeros_(m.weight)
+                    if getattr(m, "bias", None) is not None:
+                        nn.init.zeros_(m.bias)
+                    zeroed += 1
+            if zeroed == 0:
+                raise RecipeError(f"edits.expand_layers: cannot find the output projections of "
+                                  f"{type(block).__name__} to initialise a new block as identity.")
+            new_positions.append(len(blocks))
+            blocks.append(new)
+    setattr(owner, attr, nn.ModuleList(blocks))
+    _sync_config(model, len(blocks), arch_config)
+    prefixes = [f"{attr}.{p}." for p in new_positions]
+    return {"layers_before": n, "inserted_after": sorted(after), "new_positions": new_positions,
+            "layers_after": len(blocks)}, prefixes
