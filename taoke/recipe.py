@@ -340,7 +340,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     return recipe, raw
 
 
+def _resolve_path(value: str, recipe_dir: Path) -> str:
+    p = Path(value).expanduser()
+    if not p.is_absolute():
+        cand = [Path.cwd() / p, recipe_dir / p, recipe_dir.parent / p]
+        p = next((c for c in cand if c.exists()), cand[0])
+    return str(p.resolve())
+
+
 def _resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
+    for step in recipe.edits:
+        args = step.get("expand_vocab")
+        if args and args.get("file"):
+            args["file"] = _resolve_path(args["file"], recipe_dir)
     for key in ("train", "validation", "test"):
         value = getattr(recipe.data, key)
         if value and ":" not in value.split("/")[0]:  # leave sources like sklearn:digits alone
