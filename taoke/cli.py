@@ -141,6 +141,28 @@ def runs_list(root: Path = typer.Option(Path("runs"), "--dir", help="folder hold
     out.print(table)
 
 
+@runs_app.command("compare")
+def runs_compare(runs: List[Path] = typer.Argument(..., help="two or more run directories"),
+                 png: Optional[Path] = typer.Option(None, "--png", help="where to write the overlaid curves"),
+                 as_json: bool = typer.Option(False, "--json")):
+    """Runs side by side: metrics table and validation curves overlaid in one PNG."""
+    from taoke.runs import compare_runs
+
+    result = compare_runs(runs, png)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    metrics = [k for k in ("accuracy", "macro_f1", "mae", "rmse", "r2") if k in result["runs"][0]]
+    table = Table(title="runs compared")
+    for col in ["run", "base", "adapt", "edits", "trainable"] + metrics:
+        table.add_column(col)
+    for r in result["runs"]:
+        table.add_row(r["run"], r["base"], str(r["adapt"]), r["edits"], f"{r['trainable']:,}",
+                      *[f"{r[m]:.4f}" if m in r else "-" for m in metrics])
+    out.print(table)
+    out.print(f"curves: {result['plot']}")
+
+
 @runs_app.command("show")
 def runs_show(run: Path):
     """Print a run's report."""

@@ -255,6 +255,40 @@ def truncate_metrics(run_dir: Path) -> None:
     write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
+def cross_validate(recipe: Recipe, base: BaseRef, plan: DataPlan, quiet: bool) -> dict:
+    """k-fold cross-validation over the non-test rows: a fresh model per fold, scored on its held-out fold."""
+    import pandas as pd
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    pool = pd.concat([plan.splits["train"], plan.splits.get("validation", plan.splits["train"].iloc[:0])],
+                     ignore_index=True)
+    k = recipe.k_fold
+    y = pool[recipe.data.label].astype(str)
+    splitter = KFold(k, shuffle=True, random_state=recipe.data.split.seed) if plan.regression or \
+        y.value_counts().min() < k else StratifiedKFold(k, shuffle=True, random_state=recipe.data.split.seed)
+    folds = []
+    for i, (tr, te) in enumerate(splitter.split(pool, y)):
+        seed_everything(recipe.train.seed)
+        fold_plan = DataPlan({"train": pool.iloc[tr].reset_index(drop=True),
+                              "test": pool.iloc[te].reset_index(drop=True)}, plan.labels, plan.spec, plan.files)
+        built = build_model(recipe, base, fold_plan)
+        adapt(built.model, recipe.adapt)
+        apply_post_adapt(built.model, built.edited)
+        train_enc = encode_frame(fold_plan.splits["train"], built.meta, built.tokenizer)
+        test_enc = encode_frame(fold_plan.splits["test"], built.meta, built.tokenizer)
+        cfg = recipe.train.model_copy(update={"early_stopping": None})  # no validation split inside a fold
+        fit(built.model, train_enc, None, cfg, regression=plan.regression, quiet=True)
+        out = predict(built.model, test_enc, recipe.eval.batch_size)
+        units = lambda x: to_target_units(x, built.meta)  # noqa: E731
+        m = metrics_from_outputs(units(out), units(test_enc.targets), plan.regression)
+        folds.append({k2: v for k2, v in m.items() if not isinstance(v, dict)})
+        if not quiet:
+            console.print(f"fold {i + 1}/{k}: " + ", ".join(f"{k2} {v:.4f}" for k2, v in folds[-1].items()))
+    keys = folds[0].keys()
+    return {"k": k, "folds": folds, "mean": {m: float(np.mean([f[m] for f in folds])) for m in keys},
+            "std": {m: float(np.std([f[m] for f in folds], ddof=1)) for m in keys}}
+
+
 def describe(recipe: Recipe, base: BaseRef, built: Built, adaptation: dict, plan: DataPlan) -> None:
     """--dry-run: the resulting architecture, parameter counts and what changed; nothing is trained or written."""
     from rich.table import Table
@@ -342,6 +376,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
                      evaluate=evaluate, augment=augment, on_epoch=lambda r: log({"type": "epoch", **r}),
                      on_step=lambda r: log({"type": "step", **r}), checkpoint_dir=run_dir / "checkpoints",
                      resume=bool(resume), quiet=quiet)
+        cv = cross_validate(recipe, base, plan, quiet) if recipe.k_fold else None
         # 6. evaluate derived and base on the same test split
         test_out = predict(built.model, encoded["test"], recipe.eval.batch_size)
         derived = metrics_from_outputs(units(test_out), units(encoded["test"].targets), regression, plan.labels,
@@ -374,7 +409,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
                   "label": recipe.data.label}, "preprocess": recipe.preprocess,
                   "split": recipe.data.split.model_dump(), "labels": plan.labels},
             recipe_sha256=sha256_bytes(recipe_yaml.encode()),
-            metrics={"derived": rows[-1][1], "derived_per_class": derived.get("per_class"),
+            metrics={"derived": rows[-1][1], "derived_per_class": derived.get("per_class"), "k_fold": cv,
                      **{name: m for name, m in base_rows}, "reference": reference},
             license=base.license if not base.is_scratch else None)
         save_task_model(built.model.cpu(), run_dir / "model", built.meta, built.tokenizer)
@@ -384,7 +419,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
                     "samples_per_s": result.samples_per_s, "best_epoch": result.best_epoch, "monitor": result.monitor}
         write_text_atomic(run_dir / "report.md", render_report(
             lineage=lineage, rows=rows, metrics=metric_names, reference=reference, notes=notes,
-            per_class=derived.get("per_class"), fit=fit_info, plots=plots))
+            per_class=derived.get("per_class"), fit=fit_info, plots=plots, k_fold=cv))
         write_json_atomic(run_dir / "lineage.json", lineage)   # written last: its presence marks a complete run
         write_json_atomic(run_dir / "status.json", {"state": "complete"})
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed while the run can be resumed

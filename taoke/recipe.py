@@ -187,6 +187,7 @@ class Recipe(Strict):
     adapt: AdaptConfig = AdaptConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    k_fold: int | None = Field(None, ge=2, le=20)   # also report mean ± std over k cross-validation folds
 
     @field_validator("name")
     @classmethod

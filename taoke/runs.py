@@ -28,3 +28,31 @@ def list_runs(root: Path) -> list[dict]:
                     row["reference_score"] = f"{ref}: {m[ref][key]:.4f}"
         rows.append(row)
     return rows
+
+
+def compare_runs(runs: list[Path], out_png: Path | None = None) -> dict:
+    """Metrics side by side and validation curves overlaid in one PNG."""
+    from taoke.errors import TaokeError
+    from taoke.evaluate.plots import overlaid_curves_png
+
+    rows, histories = [], {}
+    for r in runs:
+        if not (r / "lineage.json").exists():
+            raise TaokeError(f"{r}: not a complete taoke run (no lineage.json).")
+        lin = json.loads((r / "lineage.json").read_text())
+        m = lin["metrics"]
+        row = {"run": r.name, "task": lin["task"], "base": lin["base"]["name"],
+               "adapt": lin["adaptation"].get("method"), "edits": ",".join(e["op"] for e in lin["edits"]) or "-",
+               "trainable": lin["adaptation"].get("trainable_params"), **m.get("derived", {})}
+        if m.get("reference"):
+            row["reference"] = m["reference"]
+        rows.append(row)
+        epochs = []
+        for line in (r / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("type") == "epoch":
+                epochs.append(rec)
+        histories[r.name] = epochs
+    png = out_png or (runs[0].parent / "compare.png")
+    overlaid_curves_png(histories, png)
+    return {"runs": rows, "plot": str(png)}

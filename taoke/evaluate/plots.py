@@ -70,3 +70,22 @@ def comparison_png(rows: list[tuple[str, dict]], metrics: list[str], path: Path,
     ax.set_title(title)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def overlaid_curves_png(histories: dict[str, list[dict]], path: Path) -> None:
+    """One line per run: validation loss and the first validation metric, by epoch."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    metric = None
+    for h in histories.values():
+        metric = metric or next((k for k in (h[0] if h else {}) if k.startswith("val_") and k != "val_loss"), None)
+    for name, h in histories.items():
+        ep = [r["epoch"] for r in h]
+        axes[0].plot(ep, [r.get("val_loss", r["train_loss"]) for r in h], "o-", label=name)
+        if metric:
+            axes[1].plot(ep, [r.get(metric, np.nan) for r in h], "o-", label=name)
+    axes[0].set_title("validation loss")
+    axes[1].set_title(metric.removeprefix("val_") if metric else "")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    _save(fig, path)

@@ -18,7 +18,8 @@ def comparison_table(rows: list[tuple[str, dict]], metrics: list[str], reference
 
 
 def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[str], reference: str | None,
-                  notes: list[str], per_class: dict | None, fit: dict, plots: list[str]) -> str:
+                  notes: list[str], per_class: dict | None, fit: dict, plots: list[str],
+                  k_fold: dict | None = None) -> str:
     base = lineage["base"]
     lines = [f"# {lineage['name']}", "",
              f"- task: {lineage['task']}",
@@ -34,6 +35,12 @@ def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[
              "## Base vs derived on the same test split", ""]
     lines += comparison_table(rows, metrics, reference)
     lines += [""] + [f"- {n}" for n in notes]
+    if k_fold:
+        lines += ["", f"## {k_fold['k']}-fold cross-validation (train + validation rows, a fresh model per fold)", "",
+                  "| metric | mean ± std | folds |", "|---|---:|---|"]
+        for m, mean in k_fold["mean"].items():
+            folds = ", ".join(f"{f[m]:.3f}" for f in k_fold["folds"])
+            lines.append(f"| {m} | {mean:.4f} ± {k_fold['std'][m]:.4f} | {folds} |")
     if per_class:
         lines += ["", "## Derived model per class", "", "| class | precision | recall | f1 | support |",
                   "|---|---:|---:|---:|---:|"]

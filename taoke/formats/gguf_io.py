@@ -32,14 +32,29 @@ def _field(reader, key, default=None):
         return default
 
 
+def _fast_reader_class():
+    import gguf
+
+    class _PlainArrayReader(gguf.GGUFReader):
+        # gguf-py slices a np.memmap thousands of times; memmap's per-slice bookkeeping makes opening a 100 MB
+        # file take seconds. A plain ndarray view of the same mapping reads the same bytes without it.
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray)
+
+    return _PlainArrayReader
+
+
 class GGUFWeightReader(WeightReader):
     format = "gguf"
 
     def __init__(self, path: Path):
-        import gguf
-
         super().__init__(path)
-        self._reader = gguf.GGUFReader(str(path))
+        self._reader = _fast_reader_class()(str(path))
         r = self._reader
         self.arch = str(_field(r, "general.architecture", "unknown"))
         a = self.arch

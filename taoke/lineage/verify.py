@@ -162,10 +162,10 @@ def _match_units(fa: np.ndarray, fb: np.ndarray) -> tuple[np.ndarray, bool]:
     """Order of B's units matching A's units: identity when it already fits, else Hungarian on cosines."""
     if len(fa) != len(fb):  # different widths: compare nothing unit by unit
         return np.arange(min(len(fa), len(fb))), False
-    c = _unit_rows(fa) @ _unit_rows(fb).T
-    diag = float(np.mean(np.diag(c)))
-    if diag >= 0.9 * float(np.mean(c.max(axis=1))) and diag > 0.2:
+    ua, ub = _unit_rows(fa), _unit_rows(fb)
+    if float(np.mean(np.sum(ua * ub, axis=1))) > 0.5:  # unrelated unit vectors have cosine ~0
         return np.arange(len(fa)), False
+    c = ua @ ub.T
     rows, cols = linear_sum_assignment(-c)
     return cols[np.argsort(rows)], True
 
