@@ -415,7 +415,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
         save_task_model(built.model.cpu(), run_dir / "model", built.meta, built.tokenizer)
         library = "transformers" if isinstance(built.model, HFClassifier) and not built.meta.get("head") else "taoke"
         write_text_atomic(run_dir / "model" / "README.md", model_card(lineage, rows, metric_names, library))
-        fit_info = {"epochs_run": len(result.history), "seconds": result.seconds,
+        fit_info = {"epochs_run": len(result.history), "seconds": result.seconds, "precision": result.precision,
                     "samples_per_s": result.samples_per_s, "best_epoch": result.best_epoch, "monitor": result.monitor}
         write_text_atomic(run_dir / "report.md", render_report(
             lineage=lineage, rows=rows, metrics=metric_names, reference=reference, notes=notes,

@@ -31,7 +31,7 @@ def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[
              f"- edits: {', '.join(e['op'] for e in lineage['edits']) or 'none'}",
              f"- data rows: {lineage['data']['rows']}",
              f"- training: {fit['epochs_run']} epochs, {fit['seconds']:.1f} s, {fit['samples_per_s']:.0f} samples/s, "
-             f"best epoch {fit['best_epoch']} by {fit['monitor']}", "",
+             f"best epoch {fit['best_epoch']} by {fit['monitor']}, {fit.get('precision', 'fp32')}", "",
              "## Base vs derived on the same test split", ""]
     lines += comparison_table(rows, metrics, reference)
     lines += [""] + [f"- {n}" for n in notes]
