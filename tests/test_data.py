@@ -126,3 +126,15 @@ def test_augment_keeps_shape_and_changes_pixels():
     y = augment(x, Augment(flip=True, crop=1, rotate=10), torch.Generator().manual_seed(0))
     assert y.shape == x.shape and not torch.allclose(x, y)
     assert torch.equal(augment(x, Augment()), x)
+
+
+def test_jsonl_and_parquet_load_like_csv(tmp_path):
+    frame = load_source(str(TOPICS)).frame.head(50)
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict("records")))
+    pq = tmp_path / "d.parquet"
+    frame.to_parquet(pq)
+    for path in (jl, pq):
+        t = load_source(str(path))
+        assert t.frame["text"].tolist() == frame["text"].tolist()
+        assert t.frame["label"].tolist() == frame["label"].tolist()
