@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
@@ -31,7 +32,8 @@ from taoke.lineage.canonical import MATRIX_ROLES, NORM_ROLES, READ_ROLES, Canoni
 
 DERIVED_P = 1e-6       # below: the weights share an origin
 INDEPENDENT_P = 0.01   # above: no evidence of a shared origin
-SUBSET = 256           # residual dims in the fingerprint (m); m(m-1)/2 entries per tensor
+SKETCH = 32            # width of the random projection used to compare units and tensors
+SUBSET = 128           # residual dims in the fingerprint (m); m(m-1)/2 entries per tensor
 N_NULL = 40            # random residual permutations for the null
 P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
 
@@ -39,19 +41,22 @@ P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
 @dataclass
 class Fingerprint:
     keys: list[tuple[int | None, str]]   # (layer, role); layer None for embed/head
-    X: np.ndarray                        # one unit-norm, centred row per key
+    X: np.ndarray                        # one unit-norm, centred Gram row per key (permutation-invariant)
     storage: dict[str, int]              # storage dtype -> count of matrices
+    sketch: dict = field(default_factory=dict)   # (layer, role) -> units x k random projection of the residual axis
+    norms: dict = field(default_factory=dict)    # (layer, role) -> norm gains
 
 
-def _tensor_fingerprint(w: np.ndarray, read_side: bool, idx: np.ndarray, iu) -> np.ndarray | None:
-    r = w[:, idx] if read_side else w[idx, :].T          # (other axis) x m residual dims
-    r = r - r.mean(axis=0, keepdims=True)
-    g = r.T @ r
-    d = np.sqrt(np.clip(np.diag(g), 1e-30, None))
-    v = (g / d[:, None] / d[None, :])[iu]
+def _tensor_fingerprint(w: torch.Tensor, idx: torch.Tensor, iu) -> np.ndarray | None:
+    """w: (other axis) x residual. Cosines between residual dims in `idx`, flattened, centred, unit norm."""
+    r = w[:, idx]
+    s = r.sum(dim=0)
+    g = r.T @ r - torch.outer(s, s) / r.shape[0]     # Gram of the centred columns without a centred copy
+    d = torch.rsqrt(torch.clamp(torch.diagonal(g), min=1e-30))
+    v = (g * d[:, None] * d[None, :])[iu]
     v = v - v.mean()
-    n = np.linalg.norm(v)
-    return (v / n).astype(np.float32) if n > 0 else None
+    n = torch.linalg.vector_norm(v)
+    return (v / n).numpy() if n > 0 else None
 
 
 def _residual_side(slot: Slot, hidden: int) -> bool | None:
@@ -68,23 +73,40 @@ def _residual_side(slot: Slot, hidden: int) -> bool | None:
     return None
 
 
-def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray) -> Fingerprint:
+def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj: np.ndarray | None) -> Fingerprint:
+    """One streaming pass: Gram fingerprints, unit sketches (units x k) and norm gains of every layer tensor.
+
+    `proj` (hidden x k, shared by both models) projects the residual axis; None when widths differ.
+    """
     m = len(idx)
-    iu = np.triu_indices(m, k=1)
-    keys, rows, storage = [], [], {}
-    wanted = [s for s in view.slots() if s.role in MATRIX_ROLES or s.role in ("embed", "head")]
-    for slot in wanted:
+    iu = torch.triu(torch.ones(m, m, dtype=torch.bool), diagonal=1)
+    tidx = torch.from_numpy(idx)
+    tproj = torch.from_numpy(proj) if proj is not None else None
+    fp = Fingerprint([], np.zeros(0), {})
+    rows = []
+    for slot in view.slots():
+        if slot.role in NORM_ROLES and slot.layer is not None:
+            fp.norms[(slot.layer, slot.role)] = reader.get(slot.name)
+            continue
+        if not (slot.role in MATRIX_ROLES or slot.role in ("embed", "head")):
+            continue
         side = _residual_side(slot, view.hidden)
         if side is None or (slot.shape[1] if side else slot.shape[0]) < idx.max() + 1:
             continue
-        v = _tensor_fingerprint(reader.get(slot.name), side, idx, iu)
-        if v is not None:
-            keys.append((slot.layer, slot.role))
-            rows.append(v)
-            dt = reader.meta(slot.name).dtype
-            storage[dt] = storage.get(dt, 0) + 1
-    X = np.stack(rows) if rows else np.zeros((0, m * (m - 1) // 2), np.float32)
-    return Fingerprint(keys, X, storage)
+        w = torch.from_numpy(reader.get(slot.name))
+        w = w if side else w.T                      # (units) x (residual)
+        v = _tensor_fingerprint(w, tidx, iu)
+        if v is None:
+            continue
+        fp.keys.append((slot.layer, slot.role))
+        rows.append(v)
+        if tproj is not None and w.shape[1] == tproj.shape[0]:
+            fp.sketch[(slot.layer, slot.role)] = (w @ tproj).numpy()
+        dt = reader.meta(slot.name).dtype
+        fp.storage[dt] = fp.storage.get(dt, 0) + 1
+        del w
+    fp.X = np.stack(rows) if rows else np.zeros((0, m * (m - 1) // 2), np.float32)
+    return fp
 
 
 def _layer_matrix(fa: Fingerprint, fb: Fingerprint, S: np.ndarray, la: list[int], lb: list[int]) -> np.ndarray:
@@ -119,7 +141,6 @@ def align_layers(L: np.ndarray, tau: float) -> list[tuple[int, int]]:
         return []
     f = np.zeros(na)                 # best score so far with last matched A index <= a
     choice = np.full((nb, na), -1)   # A index matched to B layer j on the best path ending <= a
-    back = []
     for j in range(nb):
         g = f + L[:, j] - tau                     # match j to a
         best_idx = np.zeros(na, dtype=int)
@@ -131,7 +152,6 @@ def align_layers(L: np.ndarray, tau: float) -> list[tuple[int, int]]:
             cm[a], best_idx[a] = run_val, run_idx
         take = cm > f
         choice[j] = np.where(take, best_idx, -1)
-        back.append(f.copy())
         f = np.where(take, cm, f)
     pairs, a = [], na - 1
     for j in range(nb - 1, -1, -1):
@@ -170,46 +190,38 @@ def _match_units(fa: np.ndarray, fb: np.ndarray) -> tuple[np.ndarray, bool]:
     return cols[np.argsort(rows)], True
 
 
-def _align_layer(wa: dict, wb: dict, heads: tuple[int, int] | None) -> tuple[dict, list[str]]:
-    """Permute B's MLP units and attention head groups onto A's; returns aligned B tensors and notes."""
-    wb = dict(wb)
+def _align_layer(sa: dict, sb: dict, heads: tuple[int, int] | None) -> tuple[dict, list[str]]:
+    """Permute B's MLP units and attention head groups onto A's. Inputs: role -> (units x k) sketches."""
+    sb = dict(sb)
     notes = []
-    mlp_in = [r for r in ("ffn_gate", "ffn_up") if r in wa and r in wb]
-    if mlp_in and all(wa[r].shape == wb[r].shape for r in mlp_in) and \
-            ("ffn_down" not in wa or "ffn_down" not in wb or wa["ffn_down"].shape == wb["ffn_down"].shape):
-        feats = lambda w: np.concatenate(  # noqa: E731 - unit features: its rows in, its column out
-            [_unit_rows(w[r]) for r in mlp_in] + ([_unit_rows(w["ffn_down"].T)] if "ffn_down" in w else []), axis=1)
-        order, moved = _match_units(feats(wa), feats(wb))
+    mlp = [r for r in ("ffn_gate", "ffn_up", "ffn_down") if r in sa and r in sb and sa[r].shape == sb[r].shape]
+    if mlp and len({sa[r].shape[0] for r in mlp}) == 1:
+        order, moved = _match_units(*(np.concatenate([_unit_rows(x[r]) for r in mlp], axis=1) for x in (sa, sb)))
         if moved:
             notes.append("MLP units permuted")
-        for r in mlp_in:
-            wb[r] = wb[r][order]
-        if "ffn_down" in wb:
-            wb["ffn_down"] = wb["ffn_down"][:, order]
-    if heads and all(r in wa and r in wb for r in ("attn_q", "attn_k", "attn_v", "attn_o")) and \
-            all(wa[r].shape == wb[r].shape for r in ("attn_q", "attn_k", "attn_v", "attn_o")):
+            for r in mlp:
+                sb[r] = sb[r][order]
+    attn = ("attn_q", "attn_k", "attn_v", "attn_o")
+    if heads and all(r in sa and r in sb and sa[r].shape == sb[r].shape for r in attn):
         n_head, n_kv = heads
-        hd = wa["attn_q"].shape[0] // n_head
+        hd = sa["attn_q"].shape[0] // n_head
         g = n_head // n_kv
+        if sa["attn_k"].shape[0] == n_kv * hd:
+            def groups(x):  # one feature row per kv group: its k, v units and its q, o head units
+                return np.concatenate([_unit_rows(x[r].reshape(n_kv, -1)) for r in attn], axis=1)
 
-        def groups(w):  # one feature row per kv group: its k, v rows and its q rows / o columns
-            k = w["attn_k"].reshape(n_kv, -1)
-            v = w["attn_v"].reshape(n_kv, -1)
-            q = w["attn_q"].reshape(n_kv, g * hd * w["attn_q"].shape[1])
-            o = w["attn_o"].T.reshape(n_kv, -1)
-            return np.concatenate([_unit_rows(k), _unit_rows(v), _unit_rows(q), _unit_rows(o)], axis=1)
-
-        order, moved = _match_units(groups(wa), groups(wb))
-        if moved:
-            notes.append("attention heads permuted")
-            qi = np.concatenate([np.arange(gi * g * hd, (gi + 1) * g * hd) for gi in order])
-            ki = np.concatenate([np.arange(gi * hd, (gi + 1) * hd) for gi in order])
-            wb["attn_q"], wb["attn_o"] = wb["attn_q"][qi], wb["attn_o"][:, qi]
-            wb["attn_k"], wb["attn_v"] = wb["attn_k"][ki], wb["attn_v"][ki]
-    return wb, notes
+            order, moved = _match_units(groups(sa), groups(sb))
+            if moved:
+                notes.append("attention heads permuted")
+                qi = np.concatenate([np.arange(gi * g * hd, (gi + 1) * g * hd) for gi in order])
+                ki = np.concatenate([np.arange(gi * hd, (gi + 1) * hd) for gi in order])
+                sb["attn_q"], sb["attn_o"] = sb["attn_q"][qi], sb["attn_o"][qi]
+                sb["attn_k"], sb["attn_v"] = sb["attn_k"][ki], sb["attn_v"][ki]
+    return sb, notes
 
 
-def _low_rank_energy(delta: np.ndarray, r: int = 16) -> float:
+def _low_rank_energy(delta: np.ndarray, r: int = 8) -> float:
+    """Share of the change's energy in its top r directions (on the k-dim sketch: a rank-r change keeps rank r)."""
     s = np.linalg.svd(delta.astype(np.float32), compute_uv=False)
     e = s ** 2
     return float(e[:r].sum() / e.sum()) if e.sum() > 0 else 1.0
@@ -286,7 +298,8 @@ def _perm_index(m: int, perm: np.ndarray) -> np.ndarray:
     return flat[perm[iu], perm[ju]]
 
 
-def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: CanonicalView) -> dict:
+def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: CanonicalView,
+                  fa: Fingerprint, fb: Fingerprint) -> dict:
     ea, eb = va.globals.get("embed"), vb.globals.get("embed")
     out = {"rows_a": ea.shape[0] if ea else None, "rows_b": eb.shape[0] if eb else None}
     ta, tb = ra.tokens, rb.tokens
@@ -299,17 +312,33 @@ def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: Can
         shared = [(i, i) for i in range(min(out["rows_a"] or 0, out["rows_b"] or 0))]
         out.update(shared=None, added=max(0, (out["rows_b"] or 0) - (out["rows_a"] or 0)), removed=None,
                    reordered=None)
-    if ea and eb and shared and ea.shape[1] == eb.shape[1]:
+    xa, xb = fa.sketch.get((None, "embed")), fb.sketch.get((None, "embed"))
+    if xa is not None and xb is not None and shared:
         sample = np.array(shared)[np.random.default_rng(0).permutation(len(shared))[:4096]]
-        wa, wb = ra.get(ea.name), rb.get(eb.name)
-        a_rows, b_rows = wa[sample[:, 0]], wb[sample[:, 1]]
-        del wa, wb
-        out["shared_rows_cos"] = round(float(np.mean(np.sum(_unit_rows(a_rows) * _unit_rows(b_rows), axis=1))), 4)
+        sample = sample[(sample[:, 0] < len(xa)) & (sample[:, 1] < len(xb))]
+        cos = np.sum(_unit_rows(xa[sample[:, 0]]) * _unit_rows(xb[sample[:, 1]]), axis=1)
+        out["shared_rows_cos"] = round(float(np.mean(cos)), 4)
     return out
 
 
-def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True) -> VerifyResult:
-    """Test whether B derives from A (or shares an ancestor). `a`/`b`: references, paths or open readers."""
+def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True, threads: int = 1) -> VerifyResult:
+    """Test whether B derives from A (or shares an ancestor). `a`/`b`: references, paths or open readers.
+
+    threads=1 by default: the matrices are small, and on a shared laptop-class CPU multi-threaded BLAS
+    waiting on a busy core made verify 5-10x slower in our measurements.
+    """
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            return _verify(a, b, n_null, subset, deep)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     from taoke.formats import open_weights
 
     t0 = time.perf_counter()
@@ -324,8 +353,11 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True) 
     if va.hidden != vb.hidden:
         evidence.append(f"residual widths differ ({va.hidden} vs {vb.hidden}): fingerprints use the first {h} dims")
     idx = _residual_subset(h, subset) if va.hidden == vb.hidden else np.arange(min(h, subset))
-    fa = fingerprint(ra, va, idx)
-    fb = fingerprint(rb, vb, idx)
+    proj = None
+    if va.hidden == vb.hidden:  # shared random projection of the residual axis for the unit sketches
+        proj = (np.random.default_rng(7).standard_normal((h, SKETCH)) / np.sqrt(SKETCH)).astype(np.float32)
+    fa = fingerprint(ra, va, idx, proj)
+    fb = fingerprint(rb, vb, idx, proj)
     la = sorted({l for l, _ in fa.keys if l is not None})
     lb = sorted({l for l, _ in fb.keys if l is not None})
     shared_roles = {r for l, r in fa.keys if l is not None} & {r for l, r in fb.keys if l is not None}
@@ -334,8 +366,10 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True) 
     ea = fa.keys.index((None, "embed")) if (None, "embed") in fa.keys else None
     eb = fb.keys.index((None, "embed")) if (None, "embed") in fb.keys else None
 
+    XA = torch.from_numpy(fa.X)
+
     def stat_for(XB):
-        S = fa.X @ XB.T
+        S = (XA @ torch.from_numpy(np.ascontiguousarray(XB)).T).numpy()
         L = _layer_matrix(fa, fb, S, la, lb)
         emb = float(S[ea, eb]) if ea is not None and eb is not None else None
         return L, emb
@@ -361,8 +395,8 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True) 
     layers = [LayerMatch(la[i], lb[j], [], [], float(L[i, j])) for i, j in pairs]
     vocab: dict = {}
     if deep and layers:
-        _compare_layers(ra, rb, va, vb, layers)
-        vocab = _vocab_report(ra, rb, va, vb)
+        _compare_layers(ra, va, vb, fa, fb, layers)
+        vocab = _vocab_report(ra, rb, va, vb, fa, fb)
     verdict, relation, changes = _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence)
     res = VerifyResult(str(a), str(b), verdict, p, relation, t_obs, mu, sd, float(z), layers, L, la, lb, va, vb,
                        vocab, changes, evidence, time.perf_counter() - t0)
@@ -372,33 +406,32 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True) 
     return res
 
 
-def _compare_layers(ra, rb, va, vb, layers: list[LayerMatch]) -> None:
+def _compare_layers(ra, va, vb, fa: Fingerprint, fb: Fingerprint, layers: list[LayerMatch]) -> None:
     heads = _heads(ra.config or {})
     for k, lm in enumerate(layers):
         sa, sb = va.layers[lm.a], vb.layers[lm.b]
         roles = sorted((set(sa) & set(sb)) & (MATRIX_ROLES | NORM_ROLES))
         lm.names_a = [sa[r].name for r in roles]
         lm.names_b = [sb[r].name for r in roles]
-        wa = {r: ra.get(sa[r].name) for r in roles if r in MATRIX_ROLES}
-        wb = {r: rb.get(sb[r].name) for r in roles if r in MATRIX_ROLES}
-        wb, lm.notes = _align_layer(wa, wb, heads)
+        xa = {r: fa.sketch[(lm.a, r)] for r in roles if (lm.a, r) in fa.sketch and (lm.b, r) in fb.sketch}
+        xb = {r: fb.sketch[(lm.b, r)] for r in xa}
+        xb, lm.notes = _align_layer(xa, xb, heads)
         cosines = []
-        for r in sorted(wa):
-            if wa[r].shape != wb[r].shape:
-                lm.tensors[r] = {"cos": None, "note": f"shape {wa[r].shape} -> {wb[r].shape}"}
+        for r in sorted(xa):
+            if xa[r].shape != xb[r].shape:
+                lm.tensors[r] = {"cos": None, "note": f"{xa[r].shape[0]} -> {xb[r].shape[0]} units"}
                 continue
-            c = _cos(wa[r], wb[r])
-            scale = float(np.linalg.norm(wb[r]) / max(np.linalg.norm(wa[r]), 1e-12))
+            c = _cos(xa[r], xb[r])
+            scale = float(np.linalg.norm(xb[r]) / max(np.linalg.norm(xa[r]), 1e-12))
             entry = {"cos": round(c, 6), "scale": round(scale, 4)}
-            if c < 0.99999 and k in (0, len(layers) // 2, len(layers) - 1):
-                # low rank of the change tells a LoRA merge from fine-tuning or quantisation noise
-                entry["delta_rank16_energy"] = round(_low_rank_energy(wb[r] / scale - wa[r]), 4)
+            if c < 0.99999:
+                entry["delta_rank8_energy"] = round(_low_rank_energy(xb[r] / scale - xa[r]), 4)
             lm.tensors[r] = entry
             cosines.append(c)
-        norms = [r for r in roles if r in NORM_ROLES]
+        norms = [r for r in roles if (lm.a, r) in fa.norms and (lm.b, r) in fb.norms]
         if norms:
-            ga = np.concatenate([ra.get(sa[r].name) for r in norms])
-            gb = np.concatenate([rb.get(sb[r].name) for r in norms])
+            ga = np.concatenate([fa.norms[(lm.a, r)] for r in norms])
+            gb = np.concatenate([fb.norms[(lm.b, r)] for r in norms])
             if ga.shape == gb.shape:
                 lm.norm_raw_cos, lm.norm_centered = round(_cos(ga, gb), 4), round(_pearson(ga, gb), 4)
         lm.similarity = float(np.mean(cosines)) if cosines else None
@@ -426,6 +459,9 @@ def _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence) -> tuple[str, 
     if dup:
         changes.append(f"{dup} layer(s) of A appear more than once in B")
     notes = sorted({n for m in layers for n in m.notes})
+    scaled = sorted({r for m in layers for r, t in m.tensors.items() if abs(t.get("scale", 1.0) - 1.0) > 0.05})
+    if scaled:
+        notes.append(f"rescaled tensors: {', '.join(scaled)}")
     changes += notes
     if vocab.get("added"):
         changes.append(f"vocabulary: {vocab['added']} token rows added")
@@ -468,7 +504,7 @@ def _relation(layers, dropped, b_extra, dup, vocab, fa, fb, mean_sim) -> str:
                 per_role.setdefault(r, []).append(t["cos"])
     untouched = [r for r, v in per_role.items() if min(v) > 0.99999]
     touched = [r for r, v in per_role.items() if min(v) <= 0.99999]
-    energies = [t["delta_rank16_energy"] for m in layers for r, t in m.tensors.items() if "delta_rank16_energy" in t]
+    energies = [t["delta_rank8_energy"] for m in layers for r, t in m.tensors.items() if "delta_rank8_energy" in t]
     if untouched and touched and energies and float(np.median(energies)) > 0.9:
         return "adapter-merge"
     if mean_sim >= 0.3:

@@ -1,0 +1,168 @@
+"""Evaluation suite for `taoke verify`: derived and independent variants of real models, one verdict per pair.
+
+    .venv/bin/python bench/verify_suite.py [--work DIR] [--ft-steps 200] [--no-append]
+
+Builds the variants once under --work (cached), runs verify on every pair in a fresh subprocess (so each pair's
+peak RSS is its own), prints the confusion table, time and peak RSS per pair, and appends a dated section to
+bench/RESULTS.md. Expected: derived pairs `derived` with p < 1e-6; independent pairs `independent` with p > 0.01.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CHILD = r"""
+import json, sys, time
+
+def peak_rss_mb():
+    # VmHWM: this process's own peak (ru_maxrss would carry the parent's peak across fork/exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+t0 = time.perf_counter()
+from taoke.lineage.verify import verify
+from taoke.formats import open_weights
+a, b = sys.argv[1], sys.argv[2]
+if a == "--imports-only":
+    print(json.dumps({"rss_mb": peak_rss_mb()}))
+    sys.exit(0)
+t1 = time.perf_counter()
+r = verify(a, b)
+t2 = time.perf_counter()
+def two_largest(ref):
+    sizes = sorted((m.numel * 4 for m in open_weights(ref).tensors()), reverse=True)
+    return sizes[:2]
+big = sorted(two_largest(a) + two_largest(b), reverse=True)[:2]
+print(json.dumps({"verdict": r.verdict, "p": r.p_value, "relation": r.relation, "z": r.z,
+                  "verify_s": t2 - t1, "total_s": t2 - t0, "layers": len(r.layers),
+                  "rss_mb": peak_rss_mb(),
+                  "two_largest_mb": sum(big) / 2**20}))
+"""
+
+
+def build(work: Path, ft_steps: int) -> list[tuple[str, str, str, str]]:
+    """(case, A, B, expected) for every pair."""
+    from taoke.lineage import suite
+
+    base = suite.smollm2_hf(work)
+    g = "smollm2-135m"
+    t = time.perf_counter()
+    ft = suite.finetuned(work, base, steps=ft_steps)
+    print(f"fine-tuned {ft_steps} steps in {time.perf_counter() - t:.0f} s: "
+          f"{json.loads((ft / 'train_log.json').read_text())}", flush=True)
+    perm = suite.permuted(work, base)
+    scratch0 = suite.scratch_llama(work, base, seed=0, steps=ft_steps)
+    scratch1 = suite.scratch_llama(work, base, seed=1, steps=ft_steps)
+    pairs = [
+        ("GGUF Q4_1 -> safetensors", g, base, "derived"),
+        ("renamed (ln1/ln2, wq.., new arch name)", g, suite.renamed(work, base), "derived"),
+        ("permuted MLP units + head groups", g, perm, "derived"),
+        ("rescaled (up x3, down /3)", g, suite.rescaled(work, base), "derived"),
+        ("pruned layers 10-15", g, suite.pruned(work, base), "derived"),
+        ("duplicated layers 20-23", g, suite.duplicated(work, base), "derived"),
+        ("vocab +512 tokens", g, suite.vocab_expanded(work, base), "derived"),
+        ("LoRA r=8 merged (q,v,up)", g, suite.lora_merged(work, base), "derived"),
+        (f"fine-tuned {ft_steps} steps", g, ft, "derived"),
+        ("int8 ONNX (DequantizeLinear, MatMul^T)", g, suite.to_onnx_int8(work, base, "smollm2-int8"), "derived"),
+        ("4-bit GGUF Q4_0 requantised", g, suite.to_gguf(work, base, "smollm2-q4_0"), "derived"),
+        ("fine-tuned -> 4-bit GGUF", g, suite.to_gguf(work, ft, f"ft{ft_steps}-q4_0"), "derived"),
+        ("permuted -> renamed", g, suite.renamed(work / "perm", perm), "derived"),
+        ("fine-tuned vs permuted (siblings)", ft, perm, "derived"),
+        ("minilm -> torch .bin", "minilm-l6", suite.to_torch_bin(work, "minilm-l6", "minilm-bin"), "derived"),
+        ("minilm pruned layers 2-3", "minilm-l6", suite.bert_pruned(work), "derived"),
+        ("same arch, fresh init", g, suite.random_init_like(work, base), "independent"),
+        (f"scratch seed 0 vs seed 1 ({ft_steps} steps, same data)", scratch0, scratch1, "independent"),
+        ("scratch LLaMA (h=256) vs SmolLM2", g, scratch0, "independent"),
+        ("BERT (minilm) vs LLaMA (SmolLM2)", g, "minilm-l6", "independent"),
+        ("BERT (minilm) vs scratch LLaMA", "minilm-l6", scratch1, "independent"),
+    ]
+    return [(c, str(a), str(b), e) for c, a, b, e in pairs]
+
+
+def run_pair(a: str, b: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD, a, b], capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        return {"verdict": "ERROR", "p": float("nan"), "relation": out.stderr.strip().splitlines()[-1][:80],
+                "verify_s": 0, "rss_mb": 0, "two_largest_mb": 0, "layers": 0, "z": 0, "total_s": 0}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import gguf  # noqa: F401
+    import numpy
+    import scipy
+    import torch
+    import transformers
+    from importlib.metadata import version
+
+    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, "
+            f"gguf {version('gguf')}, onnx {version('onnx')}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "taoke" / "verify-suite")
+    ap.add_argument("--ft-steps", type=int, default=200)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    pairs = build(args.work, args.ft_steps)
+    print(f"variants ready in {time.perf_counter() - t:.0f} s", flush=True)
+    base_rss = run_pair("--imports-only", "-")["rss_mb"]
+    rows, confusion = [], {}
+    for case, a, b, expected in pairs:
+        r = run_pair(a, b)
+        ok = r["verdict"] == expected and ((r["p"] < 1e-6) if expected == "derived" else (r["p"] > 0.01))
+        confusion[(expected, r["verdict"])] = confusion.get((expected, r["verdict"]), 0) + 1
+        rows.append((case, expected, r, ok))
+        print(f"{'ok ' if ok else 'BAD'} {case:48s} {r['verdict']:12s} p={r['p']:.3g} {r['relation']:13s} "
+              f"{r['verify_s']:.1f}s {r['rss_mb']:.0f}MB", flush=True)
+    verdicts = ["derived", "related", "inconclusive", "independent", "ERROR"]
+    lines = ["| case | expected | verdict | p-value | relation | matched layers | verify s | peak RSS MB |"
+             " 2 largest tensors MB | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for case, expected, r, ok in rows:
+        lines.append(f"| {case} | {expected} | {r['verdict']} | {r['p']:.3g} | {r['relation']} | {r['layers']} | "
+                     f"{r['verify_s']:.1f} | {r['rss_mb']:.0f} | {r['two_largest_mb']:.0f} | {'yes' if ok else 'NO'} |")
+    conf = ["| expected \\ got | " + " | ".join(verdicts) + " |", "|---" * (len(verdicts) + 1) + "|"]
+    for e in ("derived", "independent"):
+        conf.append(f"| {e} | " + " | ".join(str(confusion.get((e, v), 0)) for v in verdicts) + " |")
+    n_ok = sum(ok for *_, ok in rows)
+    summary = (f"{n_ok}/{len(rows)} pairs right. Fixed overhead (interpreter + imports, no model): "
+               f"{base_rss:.0f} MB peak RSS.")
+    text = "\n".join(conf) + "\n\n" + "\n".join(lines) + "\n\n" + summary + "\n"
+    print("\n" + text)
+    if not args.no_append:
+        section = (f"\n## verify suite — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
+                   f"Command: `.venv/bin/python bench/verify_suite.py --work {args.work} --ft-steps {args.ft_steps}`  \n"
+                   f"Machine: {machine()}  \n"
+                   "Each pair runs `verify(A, B)` in a fresh process (verify s excludes imports; peak RSS is the "
+                   "whole process). The machine is shared: times are noisy.\n\n" + text)
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:  # append only: others write here too
+            f.write(section)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""`lineage DIR`: scan a folder of models, check what each claims to be built on, and draw the family tree.
+
+Claims come from `lineage.json` (base name/source) and model-card front matter (`base_model`). Every claim is
+verified; every unclaimed pair is tested too, so a model whose card claims no base while its weights say
+derived is flagged as an undisclosed shell, and a claim the weights contradict is flagged as contradicted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import yaml
+
+from taoke.errors import TaokeError
+from taoke.library import resolve
+from taoke.lineage.verify import verify
+from taoke.utils import atomic_path, write_json_atomic, write_text_atomic
+
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".bin", ".pt", ".pth")
+
+
+def _is_model_dir(d: Path) -> bool:
+    return (d / "config.json").exists() or ((d / "lineage.json").exists() and (d / "model").is_dir()) or \
+        any(p.suffix in _WEIGHT_SUFFIXES for p in d.iterdir() if p.is_file())
+
+
+def find_models(root: Path, depth: int = 3) -> list[Path]:
+    """Model directories (and loose weight files at the top level) under root; never descends into a model."""
+    found: list[Path] = []
+    if _is_model_dir(root) and depth == 3 and not any(p.is_dir() and _is_model_dir(p) for p in root.iterdir()):
+        return [root]
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            if _is_model_dir(p):
+                found.append(p)
+            elif depth > 1:
+                found += find_models(p, depth - 1)
+        elif p.suffix in (".gguf", ".onnx") or (p.suffix == ".safetensors" and not (root / "config.json").exists()):
+            found.append(p)
+    return found
+
+
+def _front_matter(readme: Path) -> dict:
+    text = readme.read_text(errors="replace") if readme.exists() else ""
+    if text.startswith("---"):
+        end = text.find("\n---", 3)
+        if end > 0:
+            try:
+                return yaml.safe_load(text[3:end]) or {}
+            except yaml.YAMLError:
+                return {}
+    return {}
+
+
+def claimed_bases(path: Path) -> list[str]:
+    """Bases a model says it is built on (lineage.json first, then the model card)."""
+    d = path if path.is_dir() else path.parent
+    claims: list[str] = []
+    lj = d / "lineage.json"
+    if lj.exists():
+        try:
+            base = json.loads(lj.read_text()).get("base")
+        except json.JSONDecodeError:
+            base = None
+        if isinstance(base, dict):
+            claims += [str(base[k]) for k in ("name", "source", "path") if base.get(k)][:1]
+        elif isinstance(base, str):
+            claims.append(base)
+    for card in (d / "README.md", d / "model" / "README.md"):
+        bm = _front_matter(card).get("base_model")
+        if isinstance(bm, str):
+            claims.append(bm)
+        elif isinstance(bm, list):
+            claims += [str(x) for x in bm]
+    return list(dict.fromkeys(claims))
+
+
+def _match_claim(claim: str, models: dict[str, Path], root: Path) -> str | None:
+    """Which scanned model a claim names: by folder name, by path, else None (external)."""
+    tail = claim.rstrip("/").split("/")[-1]
+    for label, p in models.items():
+        if claim in (label, str(p), p.name) or tail == p.name or tail == label:
+            return label
+    cand = (root / claim)
+    for label, p in models.items():
+        if cand.exists() and cand.resolve() == p.resolve():
+            return label
+    return None
+
+
+def build_tree(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise TaokeError(f"{root}: not a directory")
+    paths = find_models(root)
+    if not paths:
+        raise TaokeError(f"{root}: no models found (looked for config.json, lineage.json or weight files)")
+    models = {str(p.relative_to(root)) if p != root else p.name: p for p in paths}
+    nodes, edges, flags = [], [], []
+    claims: dict[str, list[tuple[str, str]]] = {}  # label -> [(claim text, target label)]
+    for label, p in models.items():
+        cl = claimed_bases(p)
+        targets = []
+        for c in cl:
+            t = _match_claim(c, models, root)
+            if t is None:
+                try:  # a library base outside the folder: add it as an external node
+                    resolve(c)
+                    t = c
+                except TaokeError:
+                    t = None
+            if t is not None:
+                targets.append((c, t))
+        claims[label] = targets
+        nodes.append({"id": label, "path": str(p), "claims": cl})
+    externals = {t for ts in claims.values() for _, t in ts if t not in models}
+    for e in sorted(externals):
+        nodes.append({"id": e, "path": None, "claims": [], "external": True})
+    refs = {**{k: str(v) for k, v in models.items()}, **{e: e for e in externals}}
+    tested: set[frozenset] = set()
+    for child, ts in claims.items():
+        for claim, parent in ts:
+            res = verify(refs[parent], refs[child])
+            tested.add(frozenset((parent, child)))
+            status = "confirmed" if res.verdict in ("derived", "related") else (
+                "contradicted" if res.verdict == "independent" else "unverified")
+            edges.append({"parent": parent, "child": child, "claimed": True, "verdict": res.verdict,
+                          "p_value": res.p_value, "relation": res.relation, "status": status})
+            if status == "contradicted":
+                flags.append(f"{child}: claims base '{claim}' but the weights say independent (p={res.p_value:.3g})")
+    for x, y in itertools.combinations(sorted(models), 2):
+        if frozenset((x, y)) in tested:
+            continue
+        res = verify(refs[x], refs[y], deep=False)
+        if res.verdict not in ("derived", "related"):
+            continue
+        # No claim links them. Direction from claims: the one that claims nothing is the suspect.
+        child = y if not claims[y] else (x if not claims[x] else y)
+        parent = x if child == y else y
+        edges.append({"parent": parent, "child": child, "claimed": False, "verdict": res.verdict,
+                      "p_value": res.p_value, "relation": res.relation, "status": "undisclosed"})
+        who = [m for m in (x, y) if not claims[m]]
+        flags.append(f"undisclosed: {' and '.join(who) or child} share weights with {parent if who else x} "
+                     f"(p={res.p_value:.3g}) but no card or lineage record says so")
+    return {"root": str(root), "nodes": nodes, "edges": edges, "flags": flags}
+
+
+def mermaid(tree: dict) -> str:
+    ids = {n["id"]: f"m{i}" for i, n in enumerate(tree["nodes"])}
+    lines = ["graph TD"]
+    for n in tree["nodes"]:
+        lines.append(f'  {ids[n["id"]]}["{n["id"]}"]')
+    for e in tree["edges"]:
+        arrow = {"confirmed": "-->", "undisclosed": "-.->", "contradicted": "--x"}.get(e["status"], "-->")
+        lines.append(f'  {ids[e["parent"]]} {arrow}|{e["status"]} p={e["p_value"]:.2g}| {ids[e["child"]]}')
+    return "\n".join(lines) + "\n"
+
+
+def draw(tree: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = [n["id"] for n in tree["nodes"]]
+    depth = {i: 0 for i in ids}
+    for _ in ids:  # longest-path depth; edges point parent -> child
+        for e in tree["edges"]:
+            if e["status"] != "contradicted":
+                depth[e["child"]] = max(depth[e["child"]], depth[e["parent"]] + 1)
+    rows: dict[int, list[str]] = {}
+    for i in ids:
+        rows.setdefault(depth[i], []).append(i)
+    pos = {i: (k - (len(r) - 1) / 2, -d) for d, r in rows.items() for k, i in enumerate(r)}
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * max(len(r) for r in rows.values())), 1.8 * len(rows) + 1))
+    colors = {"confirmed": "tab:green", "undisclosed": "tab:orange", "contradicted": "tab:red"}
+    for e in tree["edges"]:
+        (x0, y0), (x1, y1) = pos[e["parent"]], pos[e["child"]]
+        ax.annotate("", xy=(x1, y1 + 0.12), xytext=(x0, y0 - 0.12),
+                    arrowprops=dict(arrowstyle="->", color=colors.get(e["status"], "gray"),
+                                    linestyle="--" if e["status"] != "confirmed" else "-"))
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, e["status"], fontsize=7, color=colors.get(e["status"], "gray"))
+    for i, (x, y) in pos.items():
+        ax.text(x, y, i, ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round", fc="white", ec="black"))
+    ax.set_xlim(min(p[0] for p in pos.values()) - 1, max(p[0] for p in pos.values()) + 1)
+    ax.set_ylim(min(p[1] for p in pos.values()) - 0.6, 0.6)
+    ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def lineage_report(root, out: Path | None = None) -> dict:
+    tree = build_tree(root)
+    tree["mermaid"] = mermaid(tree)
+    if out is not None:
+        out = Path(out)
+        write_json_atomic(out / "lineage_tree.json", tree)
+        write_text_atomic(out / "lineage_tree.mmd", tree["mermaid"])
+        tree["png"] = str(draw(tree, out / "lineage_tree.png"))
+    return tree

@@ -1,0 +1,134 @@
+"""The four commands through a Typer app built with cli_lineage.register; lineage trees; normalize."""
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from taoke.cli_lineage import register
+from taoke.errors import TaokeError
+from tests.lineage_tiny import finetune_like, load, save, tiny_llama
+
+runner = CliRunner()
+
+
+def make_app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def noop() -> None:  # a second command keeps Typer in multi-command mode
+        pass
+    return app
+
+
+def invoke(*args):
+    return runner.invoke(make_app(), [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fam")
+    base = tiny_llama(root / "base", seed=0)
+    return {"root": root, "base": base, "other": tiny_llama(root / "other", seed=3)}
+
+
+def test_verify_json_contract(fam, tmp_path):
+    child = finetune_like(fam["base"], tmp_path / "child", scale=0.2)
+    res = invoke("verify", fam["base"], child, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["verdict"] == "derived" and out["p_value"] < 1e-6
+    assert out["relation"] in ("copy", "quantized", "finetune", "pruned", "adapter-merge", "expanded", "unknown")
+    assert out["layers"] and {"names_a", "names_b", "similarity"} <= set(out["layers"][0])
+    res = invoke("verify", fam["base"], fam["other"])
+    assert res.exit_code == 0 and "verdict: independent" in res.output
+
+
+def test_unknown_reference_is_a_user_error(fam):
+    res = invoke("verify", fam["base"], "no-such-model-xyz")
+    assert isinstance(res.exception, TaokeError)
+
+
+def test_diff_writes_table_and_heatmap(fam, tmp_path):
+    sd, cfg = load(fam["base"])
+    keep = [0, 1, 3]   # drop layer 2
+    pruned = {k: v for k, v in sd.items() if ".layers." not in k}
+    for new, old in enumerate(keep):
+        pre = f"model.layers.{old}."
+        pruned.update({f"model.layers.{new}." + k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
+    child = save(tmp_path / "pruned", pruned, {**cfg, "num_hidden_layers": 3})
+    res = invoke("diff", fam["base"], child, "--out", tmp_path / "d", "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["relation"] == "pruned"
+    assert [(r["a"], r["b"]) for r in rep["table"]] == [("blk.0", "blk.0"), ("blk.1", "blk.1"), ("blk.3", "blk.2")]
+    assert any("not found in B: 2" in c for c in rep["changes"])
+    png = (tmp_path / "d" / "diff_heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lineage_flags_undisclosed_and_contradicted(fam, tmp_path):
+    root = tmp_path / "zoo"
+    save(root / "base", *load(fam["base"]))
+    finetune_like(fam["base"], root / "honest", scale=0.2, card_base="base")
+    finetune_like(fam["base"], root / "shell", scale=0.2, seed=9)                 # claims nothing
+    save(root / "liar", *load(fam["other"]), card_base="base")                   # claims base, is not
+    res = invoke("lineage", root, "--out", tmp_path / "out", "--json")
+    assert res.exit_code == 0, res.output
+    tree = json.loads(res.output)
+    status = {(e["parent"], e["child"]): e["status"] for e in tree["edges"]}
+    assert status[("base", "honest")] == "confirmed"
+    assert status[("base", "liar")] == "contradicted"
+    assert status.get(("base", "shell")) == "undisclosed" or status.get(("honest", "shell")) == "undisclosed"
+    assert any("shell" in f for f in tree["flags"]) and any("liar" in f for f in tree["flags"])
+    assert "graph TD" in tree["mermaid"]
+    assert (tmp_path / "out" / "lineage_tree.png").exists() and (tmp_path / "out" / "lineage_tree.mmd").exists()
+
+
+def test_normalize_renamed_tiny_gives_identical_logits(fam, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sd, cfg = load(fam["base"])
+    ren = {k.replace("input_layernorm", "ln1").replace("post_attention_layernorm", "ln2")
+            .replace("model.layers", "transformer.h"): v for k, v in sd.items()}
+    src = save(tmp_path / "yi", ren, {**cfg, "architectures": ["YiForCausalLM"], "model_type": "yi"})
+    res = invoke("normalize", src, tmp_path / "norm")
+    assert res.exit_code == 0, res.output
+    ids = torch.tensor([[1, 5, 9, 200, 3, 77]])
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(str(fam["base"])).eval()(ids).logits
+        b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "norm")).eval()(ids).logits
+    assert torch.equal(a, b)
+
+
+def test_normalize_refuses_non_llama():
+    from taoke.lineage.normalize import normalize
+
+    with pytest.raises(TaokeError, match="llama family"):
+        normalize("minilm-l6", "/tmp/should-not-be-written-taoke")
+
+
+def test_normalize_real_renamed_smollm2(tmp_path):
+    """The done criterion: the renamed-LLaMA case becomes a model plain transformers loads, identical logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from taoke.lineage import suite
+    from taoke.lineage.normalize import normalize
+
+    base = suite.smollm2_hf(tmp_path)
+    src = suite.renamed(tmp_path, base)
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(str(src))          # transformers cannot load the renamed checkpoint
+    rep = normalize(str(src), tmp_path / "norm")
+    assert rep["identical_logits"] and rep["family"] == "llama"
+    ids = torch.tensor([[1, 504, 3000, 17, 9000, 2]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(tmp_path / "norm"), dtype=torch.float32).eval()(ids).logits
+    assert torch.equal(want, got)
+    assert np.isfinite(got.numpy()).all()
