@@ -47,6 +47,12 @@ def _reader_for_file(path: Path) -> WeightReader:
 
 
 def _reader_for_dir(d: Path) -> WeightReader:
+    if (d / "adapter_config.json").exists() and not (d / "config.json").exists():
+        # A PEFT adapter's low-rank matrices alone would look "independent" of everything: refuse instead.
+        base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        raise ModelError(f"{d} holds only a LoRA/DoRA adapter (for base {base!r}); its weights alone cannot show "
+                         "derivation. Verify the merged model: derive with adapt.merge: true, or merge the adapter "
+                         "into its base first.")
     if list(d.glob("*.safetensors")):
         from taoke.formats.safetensors_io import SafetensorsReader
         return SafetensorsReader.from_dir(d)

@@ -338,6 +338,12 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True, 
         torch.set_num_threads(before)
 
 
+def _label(ref) -> str:
+    """What the user named: a BaseRef's name, a reader's path, or the reference string."""
+    name = getattr(ref, "name", None)
+    return str(name) if isinstance(name, str) else str(getattr(ref, "path", ref))
+
+
 def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     from taoke.formats import open_weights
 
@@ -398,7 +404,7 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
         _compare_layers(ra, va, vb, fa, fb, layers)
         vocab = _vocab_report(ra, rb, va, vb, fa, fb)
     verdict, relation, changes = _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence)
-    res = VerifyResult(str(a), str(b), verdict, p, relation, t_obs, mu, sd, float(z), layers, L, la, lb, va, vb,
+    res = VerifyResult(_label(a), _label(b), verdict, p, relation, t_obs, mu, sd, float(z), layers, L, la, lb, va, vb,
                        vocab, changes, evidence, time.perf_counter() - t0)
     for r in (ra, rb):
         if r is not a and r is not b:
@@ -528,7 +534,7 @@ def _ranges(ids: list[int]) -> str:
 
 
 def _no_evidence(a, b, va, vb, evidence, t0) -> VerifyResult:
-    return VerifyResult(str(a), str(b), "inconclusive", 1.0, "unknown", 0.0, 0.0, 0.0, 0.0, [], np.zeros((0, 0)),
+    return VerifyResult(_label(a), _label(b), "inconclusive", 1.0, "unknown", 0.0, 0.0, 0.0, 0.0, [], np.zeros((0, 0)),
                         [], [], va, vb, {}, [], evidence, time.perf_counter() - t0)
 
 
