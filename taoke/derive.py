@@ -57,6 +57,10 @@ class Built:
 def check_task(recipe: Recipe, base: BaseRef) -> None:
     """Fail early, naming the base, when its architecture cannot do the task."""
     if recipe.task in ("causal-lm", "sft", "dpo"):
+        parent_task = (base.extra.get("lineage") or {}).get("task") if base.is_run else None
+        if base.kind not in ("causal-lm", "task-model") or (base.is_run and parent_task not in ("causal-lm", "sft", "dpo")):
+            raise ModelError(f"base '{base.name}' is not a causal language model; {recipe.task} needs one "
+                             "(e.g. smollm2-135m, an HF causal-LM directory, or a run of such a model).")
         return
     kind = TASK_INPUT[recipe.task]
     if base.is_scratch:
@@ -320,7 +324,7 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
     if recipe.task in ("causal-lm", "sft", "dpo"):
         from taoke.lm.pipeline import derive_lm  # LM tasks have their own pipeline
 
-        return derive_lm(recipe, base, out, quiet=quiet)
+        return derive_lm(recipe, base, out, quiet=quiet, dry_run=dry_run)
     # 2. data
     seed_everything(recipe.train.seed)  # model init (new heads, scratch weights) is seeded too
     plan = prepare_data(recipe)

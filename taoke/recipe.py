@@ -176,6 +176,19 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, gt=0)
 
 
+class LMConfig(Strict):
+    """Options of the language-model tasks (causal-lm, sft, dpo)."""
+    seq_len: int = Field(512, gt=8)
+    packing: bool = True
+    chat_template: str | None = None        # the tokenizer's own when None; or chatml | plain | a Jinja string
+    separator: str | None = None            # causal-lm: split text files into documents on this string
+    beta: float = Field(0.1, gt=0)          # dpo
+    gen_metric: Literal["exact_match", "contains", "rouge_l"] = "rouge_l"
+    gen_prompts: int = Field(8, ge=0)       # held-out prompts generated from for the report
+    max_new_tokens: int = Field(48, gt=0)
+    threads: int | None = Field(None, gt=0)
+
+
 class Recipe(Strict):
     name: str
     base: str
@@ -187,7 +200,8 @@ class Recipe(Strict):
     adapt: AdaptConfig = AdaptConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
-    k_fold: int | None = Field(None, ge=2, le=20)   # also report mean ± std over k cross-validation folds
+    k_fold: int | None = Field(None, ge=2, le=20)
+    lm: LMConfig = LMConfig()   # also report mean ± std over k cross-validation folds
 
     @field_validator("name")
     @classmethod

@@ -89,3 +89,13 @@ def overlaid_curves_png(histories: dict[str, list[dict]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def lm_curves_png(steps: list[dict], path: Path, title: str) -> None:
+    """Training loss by optimizer step (language models log per step, not per epoch)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], "-", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)

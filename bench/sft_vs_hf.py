@@ -1,0 +1,210 @@
+"""LoRA SFT of smollm2-135m: taoke's train_lm vs HF Trainer + PEFT (and TRL SFTTrainer when installed).
+
+Same model, data (chatterbot dialogs, every 10th conversation held out), assistant-only labels, LoRA
+config, sequence length, batch size (rows per step), steps, lr and schedule. Each peer runs in a fresh
+subprocess so peak RSS does not mix. Held-out loss is computed by one function (taoke.lm.train.evaluate_lm,
+exact per-token mean) for every peer. Prints a markdown table and appends it to bench/RESULTS.md.
+
+    .venv/bin/python bench/sft_vs_hf.py --steps 20 --batch 2 --seq-len 256 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "data" / "chatterbot" / "dialogs.jsonl"
+LORA = dict(r=16, alpha=32, dropout=0.05)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rows_and_heldout(tok, seq_len):
+    from taoke.lm.data import encode_conversations, read_conversations
+
+    convs = read_conversations(DATA)
+    train = [c for i, c in enumerate(convs) if i % 10]
+    held = [c for i, c in enumerate(convs) if i % 10 == 0]
+    return encode_conversations(tok, train, seq_len), encode_conversations(tok, held, seq_len)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+def worker(peer: str, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from taoke.lm.load import load_causal_lm
+    from taoke.lm.train import LMTrainConfig, evaluate_lm
+
+    model, tok = load_causal_lm("smollm2-135m", device="cpu")
+    train, held = rows_and_heldout(tok, args.seq_len)
+    cfg = dict(method="lora", target_modules=TARGETS, **LORA, lr=args.lr, max_steps=args.steps,
+               batch_size=args.batch, seq_len=args.seq_len, warmup_ratio=0.1, scheduler="cosine",
+               max_grad_norm=1.0, seed=0, progress=False, threads=args.threads)
+    eval_cfg = LMTrainConfig.from_dict({**cfg, "batch_size": 4})
+    if peer == "taoke":
+        from taoke.lm.train import train_lm
+
+        hist = train_lm(model, tok, train, None, cfg)
+        tokens, seconds, examples, model = hist.tokens, hist.seconds, None, hist.model
+    else:
+        tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args)
+    held_loss = evaluate_lm(model, held, eval_cfg, tok.pad_token_id)["loss"]
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "examples": examples, "params": n_params}
+
+
+class _TokenCounter:
+    """Counts non-padding tokens fed to the model (attention_mask sum) without touching the training math."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def __call__(self, collate):
+        def wrapped(features):
+            batch = collate(features)
+            self.tokens += int(batch["attention_mask"].sum())
+            return batch
+        return wrapped
+
+
+def _hf_train(peer, model, tok, train, args):
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    # completion_mask carries the assistant-only loss mask into TRL's collator (it rebuilds labels from it)
+    ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"],
+                             "attention_mask": [1] * len(r["input_ids"]),
+                             "completion_mask": [int(x != -100) for x in r["labels"]]} for r in train])
+    common = dict(output_dir="/tmp/taoke-bench-hf", per_device_train_batch_size=args.batch, max_steps=args.steps,
+                  learning_rate=args.lr, warmup_steps=int(0.1 * args.steps), lr_scheduler_type="cosine",
+                  max_grad_norm=1.0, weight_decay=0.0, logging_steps=max(1, args.steps // 4), save_strategy="no",
+                  report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    counter = _TokenCounter()
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
+                      task_type="CAUSAL_LM")
+    if peer == "hf":
+        ds = ds.remove_columns("completion_mask")
+        model = get_peft_model(model, lora)
+        collate = counter(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ds, data_collator=collate)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=args.seq_len, packing=False,
+                                                         dataset_text_field=None),
+                             train_dataset=ds, processing_class=tok, peft_config=lora)
+        trainer.data_collator = counter(trainer.data_collator)
+        model = trainer.model
+    t0 = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - t0
+    return counter.tokens, seconds, args.steps * args.batch, trainer.model
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def matmul_peak(threads: int, dtype_name: str, n: int = 1024, reps: int = 5) -> float:
+    """Best-of-reps FLOP/s of an n^3 matmul in the given dtype on this machine, same thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def run_peer(peer, args) -> dict:
+    out = Path(f"/tmp/taoke-bench-{peer}-{os.getpid()}.json")
+    cmd = [sys.executable, __file__, "--worker", peer, "--out", str(out), "--steps", str(args.steps),
+           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"peer": peer, "error": " | ".join(tail)[-300:]}
+    return json.loads(out.read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for every peer (1 is fastest when the "
+                                                           "machine is shared; set to the core count otherwise)")
+    ap.add_argument("--peers", default="taoke,hf,trl")
+    ap.add_argument("--worker")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.worker:
+        Path(args.out).write_text(json.dumps(worker(args.worker, args)))
+        return
+
+    import importlib.util
+
+    import torch
+    import transformers
+    import peft
+
+    peers = [p for p in args.peers.split(",") if p != "trl" or importlib.util.find_spec("trl")]
+    results = [run_peer(p, args) for p in peers]
+    peak_bf16 = matmul_peak(args.threads, "bfloat16")
+    peak_fp32 = matmul_peak(args.threads, "float32")
+    by = {r["peer"]: r for r in results}
+    hf = by.get("hf", {})
+    from taoke.utils import cpu_has_bf16
+
+    lines = ["| peer | non-pad tokens/s | vs HF | MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB | held-out loss "
+             "| tokens seen |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['peer']} | failed: {r['error']} | | | | | | |")
+            continue
+        flops = 6 * r["params"] * r["tokens_per_s"]  # PaLM-style 6N per token (LoRA's frozen weights skip ~1/3)
+        ratio = r["tokens_per_s"] / hf["tokens_per_s"] if hf.get("tokens_per_s") else float("nan")
+        lines.append(f"| {r['peer']} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {flops / peak_bf16:.1%} | "
+                     f"{flops / peak_fp32:.1%} | {r['peak_rss_mb']:.0f} | {r['held_out_loss']:.4f} | {r['tokens']} |")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    head = (f"\n## sft_vs_hf — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
+            f"LoRA SFT smollm2-135m (r={LORA['r']}, all linear projections), chatterbot dialogs, "
+            f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, threads={args.threads}. "
+            f"Machine: {os.cpu_count()} cores, {cpu}, native bf16: {cpu_has_bf16()}; "
+            f"matmul peak bf16 {peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+            + (f", trl {__import__('trl').__version__}" if "trl" in peers else "") + ".\n"
+            "taoke packs rows of seq_len tokens; HF/TRL pad each batch of examples to its longest, so at equal "
+            "steps and batch taoke sees more tokens. Held-out loss: same evaluator for all.\n\n")
+    text = head + "\n".join(lines) + "\n"
+    print(text)
+    with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

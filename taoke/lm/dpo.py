@@ -1,0 +1,143 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), written out because TRL is an optional dependency.
+
+loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+
+The reference model never doubles memory: with LoRA/DoRA it is the same model with adapters disabled
+(`model.disable_adapter()`); for full or freeze training the reference log-probs are computed once,
+before the first update, and kept as numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+
+import torch
+import torch.nn.functional as F
+
+from taoke.errors import RecipeError
+from taoke.lm.data import encode_dpo
+from taoke.lm.loss import body_and_head, shifted_targets, token_logprobs
+from taoke.lm.pack import padded_batch
+from taoke.lm.train import LMHistory, LMTrainConfig, adapt_lm, autocast_for, model_device
+
+
+
+
+def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[dict]:
+    return [encode_dpo(tokenizer, p, max_len) for p in pairs]
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of log p(label) over the labelled tokens of each row: [rows]."""
+    body, head = body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    h, y, keep = shifted_targets(hidden, batch["labels"])
+    lp = token_logprobs(h, head, y)
+    rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+    return torch.zeros(keep.shape[0], dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)
+
+
+def _pair_batch(pairs: list[dict], pad_id: int, device) -> dict:
+    """chosen rows then rejected rows, one padded batch."""
+    rows = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    return {k: v.to(device) for k, v in padded_batch(rows, pad_id).items()}
+
+
+def dpo_loss(pc, pr, rc, rr, beta: float):
+    """(loss, reward accuracy, margin) from policy/reference log-probs of chosen and rejected."""
+    logits = beta * ((pc - rc) - (pr - rr))
+    d = logits.detach()
+    return -F.logsigmoid(logits).mean(), float((d > 0).float().mean()), float(d.mean() / beta)
+
+
+def _reference(model, batch):
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with torch.no_grad(), ctx:
+        return sequence_logprobs(model, batch)
+
+
+def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] | None, cfg: dict | LMTrainConfig,
+              beta: float = 0.1, on_step=None) -> LMHistory:
+    """Train on encoded pairs (encode_pairs); returns LMHistory (steps with loss, reward_acc; evals)."""
+    cfg = LMTrainConfig.from_dict(cfg)
+    if not train_pairs:
+        raise RecipeError("no DPO pairs")
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, record = adapt_lm(model, cfg)
+    peft = hasattr(model, "disable_adapter")
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    n = cfg.batch_size
+    groups = [train_pairs[i:i + n] for i in range(0, len(train_pairs), n)]
+    ref_cache = None
+    if not peft:  # full/freeze: reference log-probs now, before any update (no second model in memory)
+        model.eval()
+        ref_cache = [_reference(model, _pair_batch(g, pad_id, device)) for g in groups]
+    total_steps = cfg.max_steps or max(1, math.ceil(len(groups) * cfg.epochs / cfg.grad_accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    sched = get_scheduler(cfg.scheduler, opt, int(cfg.warmup_ratio * total_steps), total_steps)
+    hist = LMHistory(adaptation={**record, "beta": beta})
+    model.train()
+    start, gi = time.perf_counter(), 0
+    for step in range(1, total_steps + 1):
+        losses, accs, margins = [], [], []
+        for _ in range(cfg.grad_accum):
+            k = gi % len(groups)
+            gi += 1
+            batch = _pair_batch(groups[k], pad_id, device)
+            half = len(groups[k])
+            ref = ref_cache[k] if ref_cache is not None else _reference(model, batch)
+            with autocast_for(device, cfg.precision):
+                pol = sequence_logprobs(model, batch)
+            loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], beta)
+            (loss / cfg.grad_accum).backward()
+            losses.append(float(loss)); accs.append(acc); margins.append(margin)
+            hist.tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        row = {"step": step, "loss": sum(losses) / len(losses), "reward_acc": sum(accs) / len(accs),
+               "margin": sum(margins) / len(margins), "lr": sched.get_last_lr()[0]}
+        hist.steps.append(row)
+        if on_step:
+            on_step(row)
+    hist.seconds = time.perf_counter() - start
+    if eval_pairs:
+        hist.evals.append({"step": total_steps, **evaluate_dpo(model, tokenizer, eval_pairs, beta)})
+    model.eval()
+    hist.model = model
+    return hist
+
+
+@torch.no_grad()
+def evaluate_dpo(model, tokenizer, pairs: list[dict], beta: float = 0.1,
+                 batch_size: int = 8) -> dict:
+    """Preference accuracy of the policy itself (chosen more likely than rejected), and, with adapters,
+    the DPO loss and reward accuracy against the adapter-free reference."""
+    model.eval()
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    wins, total, losses, raccs = 0, 0, [], []
+    for i in range(0, len(pairs), batch_size):
+        g = pairs[i:i + batch_size]
+        batch = _pair_batch(g, pad_id, device)
+        pol = sequence_logprobs(model, batch)
+        half = len(g)
+        wins += int((pol[:half] > pol[half:]).sum())
+        total += half
+        if hasattr(model, "disable_adapter"):
+            ref = _reference(model, batch)
+            loss, acc, _ = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], beta)
+            losses.append(float(loss) * half); raccs.append(acc * half)
+    out = {"preference_acc": wins / max(total, 1)}
+    if losses:
+        out.update(dpo_loss=sum(losses) / total, reward_acc=sum(raccs) / total)
+    return out

@@ -1,0 +1,106 @@
+"""Load a causal LM and its tokenizer from any model reference, as a plain trainable transformers model.
+
+transformers dequantizes a GGUF file but marks the model GGUF-quantized (Trainer refuses to train it,
+save_pretrained refuses to save it), so we rebuild a plain model from the config and load the
+dequantized weights into it. Dequantizing takes ~17 s; the plain model is cached as an HF directory
+(safetensors + config + tokenizer + generation config) under $TAOKE_CACHE (default ~/.cache/taoke),
+keyed by the GGUF file's size and mtime, so later loads take a second or two.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from taoke.errors import ModelError
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TAOKE_CACHE", Path.home() / ".cache" / "taoke")).expanduser()
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    # size + mtime is enough to notice a replaced file; hashing 100 MB on every load is not.
+    return cache_root() / "gguf-plain" / f"{gguf.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def _dequantize_gguf_to_dir(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF causal LM once and write it as a plain HF directory, atomically (rename of a temp dir)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(**src)
+    quantized = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(**src)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied heads have no tensor of their own; anything else missing is a real conversion problem.
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelError(f"{gguf}: dequantized weights do not fit the config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    plain.generation_config = quantized.generation_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():  # another process won the race; keep theirs
+            return
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plain_model_dir(ref: str | os.PathLike) -> Path:
+    """The HF directory to load for a model reference; GGUF files are converted once into the cache."""
+    from taoke.library import resolve
+
+    base = resolve(str(ref))
+    if base.path is None:
+        raise ModelError(f"{ref}: a from-scratch architecture is not a pretrained causal LM")
+    if base.format == "gguf" or (base.path.is_file() and base.path.suffix.lower() == ".gguf"):
+        target = _gguf_cache_dir(base.path)
+        if not (target / "config.json").exists():
+            _dequantize_gguf_to_dir(base.path, target)
+        return target
+    model_dir = base.model_dir
+    if not (model_dir / "config.json").exists():
+        raise ModelError(f"{ref}: {model_dir} has no config.json; a causal LM must be an HF directory or a GGUF file")
+    return model_dir
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(ref: str | os.PathLike, device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None):
+    """(model, tokenizer) for a library name, HF dir, run dir or GGUF file; the model is plain and trainable.
+
+    dtype None means fp32: trainable master weights on every device; training autocasts to bf16 where the
+    hardware runs it natively. Pass torch.bfloat16 for inference-only use on a GPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    model_dir = plain_model_dir(ref)
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" not in archs and "LMHead" not in archs:
+        raise ModelError(f"{ref}: '{archs or config.model_type}' is not a causal language model")
+    dtype = dtype or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # causal LMs often ship without one; padding is always masked out
+    return model, tok

@@ -1,0 +1,304 @@
+"""`taoke derive` for causal LMs (causal-lm, sft, dpo): base -> data -> edits -> train -> evaluate derived
+AND base on the same held-out rows -> save (merged, parity-checked) -> run dir with card and lineage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rich.console import Console
+
+from taoke.errors import DataError, ModelError, RecipeError
+from taoke.library import BaseRef
+from taoke.recipe import Recipe, recipe_to_yaml
+from taoke.utils import sha256_bytes, sha256_file, write_json_atomic, write_text_atomic
+
+console = Console(stderr=True)
+PARITY_PROMPTS = ["What is a computer?", "Tell me a joke.", "How do I reset my password?"]
+
+
+def _lm_train_config(recipe: Recipe) -> dict:
+    t, a, lm = recipe.train, recipe.adapt, recipe.lm
+    if a.method == "head":
+        raise RecipeError("adapt.method 'head' has no meaning for a causal LM; use full, freeze, lora or dora.")
+    return dict(method=a.method, freeze_layers=a.layers, r=a.r, alpha=a.alpha, dropout=a.dropout,
+                target_modules=a.target_modules, lr=t.lr, weight_decay=t.weight_decay,
+                scheduler=t.scheduler if t.scheduler != "linear" else "linear", warmup_ratio=t.warmup_ratio,
+                max_steps=t.max_steps, epochs=t.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
+                max_grad_norm=t.max_grad_norm or 0.0, seq_len=lm.seq_len, packing=lm.packing,
+                precision=t.precision, seed=t.seed, threads=lm.threads, progress=True)
+
+
+def _split(items: list, test: float, seed: int) -> tuple[list, list]:
+    idx = list(range(len(items)))
+    random.Random(seed).shuffle(idx)
+    n_held = max(1, int(round(len(items) * test)))
+    if len(items) - n_held < 1:
+        raise DataError(f"{len(items)} examples are too few to hold out {test:.0%} for evaluation.")
+    held = set(idx[:n_held])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def _read(recipe: Recipe, tok):
+    """Raw examples of the task from data.train (and data.test), split into train / held-out."""
+    from taoke.lm.data import read_conversations, read_dpo_pairs, read_text_documents
+
+    d = recipe.data
+    path = Path(d.train)
+    if not path.exists():
+        raise DataError(f"{d.train}: data file not found. Check data.train in the recipe.")
+    if recipe.task == "causal-lm":
+        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+        reader = lambda p: read_text_documents(p, recipe.lm.separator)  # noqa: E731
+    elif recipe.task == "sft":
+        files, reader = [path], read_conversations
+    else:
+        files, reader = [path], read_dpo_pairs
+    items = [x for f in files for x in reader(f)]
+    if d.max_rows and len(items) > d.max_rows:
+        items = random.Random(d.split.seed).sample(items, d.max_rows)
+    if d.test:
+        return items, reader(d.test), files + [Path(d.test)]
+    train, held = _split(items, d.split.test or 0.1, d.split.seed)
+    return train, held, files
+
+
+def _encode(recipe: Recipe, tok, items: list) -> list[dict]:
+    from taoke.lm.data import encode_conversations, encode_documents
+    from taoke.lm.dpo import encode_pairs
+
+    n = recipe.lm.seq_len
+    if recipe.task == "causal-lm":
+        return encode_documents(tok, items, n)
+    if recipe.task == "sft":
+        return encode_conversations(tok, items, n)
+    return encode_pairs(tok, items, n)
+
+
+def _apply_edits(recipe: Recipe, model, tok) -> list[dict]:
+    from taoke.edit.layers import drop_layers, expand_layers
+    from taoke.edit.vocab import expand_vocab, read_tokens
+
+    records = []
+    for op, cfg in recipe.steps("edits"):
+        before = sum(p.numel() for p in model.parameters())
+        if op == "drop_layers":
+            detail = drop_layers(model, cfg.keep, cfg.every, {})
+        elif op == "expand_layers":
+            detail, _ = expand_layers(model, cfg.after, {})
+            if cfg.train_only_new:
+                raise RecipeError("edits.expand_layers.train_only_new is not supported for causal LMs yet; "
+                                  "set it to false and choose adapt.method.")
+        elif op == "expand_vocab":
+            detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
+        else:
+            raise RecipeError(f"edit '{op}' does not apply to causal LMs (use drop_layers, expand_layers, "
+                              "expand_vocab).")
+        records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail, "params_before": before,
+                        "params_after": sum(p.numel() for p in model.parameters())})
+    return records
+
+
+def _prompts_and_refs(recipe: Recipe, held_items: list) -> tuple[list, list]:
+    """Held-out prompts (all turns before the last assistant turn) and their reference answers."""
+    if recipe.task != "sft":
+        return [], []
+    prompts, refs = [], []
+    for conv in held_items[: recipe.lm.gen_prompts]:
+        last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        prompts.append(conv[:last])
+        refs.append(conv[last]["content"])
+    return prompts, refs
+
+
+def _scores(recipe: Recipe, model, tok, held_rows, prompts, refs, cfg) -> dict:
+    from taoke.lm.train import evaluate_lm, generate_eval
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if recipe.task == "dpo":
+        from taoke.lm.dpo import evaluate_dpo
+
+        return evaluate_dpo(model, tok, held_rows, beta=recipe.lm.beta)
+    out = evaluate_lm(model, held_rows, cfg, pad)
+    if prompts:
+        gen = generate_eval(model, tok, prompts, refs, recipe.lm.gen_metric, max_new_tokens=recipe.lm.max_new_tokens,
+                            samples=len(prompts))
+        out[recipe.lm.gen_metric] = gen["score"]
+        out["samples"] = gen["samples"]
+    return out
+
+
+def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = False, dry_run: bool = False):
+    import torch
+
+    from taoke.derive import MetricsLog, new_run_dir
+    from taoke.evaluate.plots import lm_curves_png
+    from taoke.lineage.card import model_card
+    from taoke.lineage.record import build_lineage
+    from taoke.lm.load import load_causal_lm
+    from taoke.lm.merge import parity_check, save_merged
+    from taoke.lm.train import train_lm
+
+    if base.is_scratch:
+        raise ModelError(f"{recipe.task} needs a pretrained causal LM base (e.g. smollm2-135m), not {base.name}.")
+    cfg = _lm_train_config(recipe)
+    if recipe.lm.threads:
+        torch.set_num_threads(recipe.lm.threads)
+    model, tok = load_causal_lm(base.run_dir / "model" if base.is_run else base.path)
+    if recipe.lm.chat_template or recipe.task in ("sft", "dpo"):
+        from taoke.lm.data import set_chat_template
+
+        set_chat_template(tok, recipe.lm.chat_template)
+    train_items, held_items, files = _read(recipe, tok)
+    edits = _apply_edits(recipe, model, tok)
+    train_rows, held_rows = _encode(recipe, tok, train_items), _encode(recipe, tok, held_items)
+    if dry_run:
+        total = sum(p.numel() for p in model.parameters())
+        Console().print(model)
+        Console().print(f"{total:,} parameters; adaptation {recipe.adapt.method}; edits {edits or 'none'}; "
+                        f"{len(train_rows)} train / {len(held_rows)} held-out examples")
+        return None
+    prompts, refs = _prompts_and_refs(recipe, held_items)
+
+    run_dir = new_run_dir(recipe, out)
+    recipe_yaml = recipe_to_yaml(recipe)
+    write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
+    write_json_atomic(run_dir / "status.json", {"state": "running"})
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    try:
+        console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; {len(train_rows)} train / "
+                      f"{len(held_rows)} held-out examples; adapt {recipe.adapt.method}")
+        base_scores = _scores(recipe, model, tok, held_rows, prompts, refs, cfg)
+        log({"type": "base", **{k: v for k, v in base_scores.items() if k != "samples"}})
+        if recipe.task == "dpo":
+            from taoke.lm.dpo import train_dpo
+
+            hist = train_dpo(model, tok, train_rows, None, cfg, beta=recipe.lm.beta,
+                             on_step=lambda r: log({"type": "step", **r}))
+        else:
+            hist = train_lm(model, tok, train_rows, None, cfg, on_step=lambda r: log({"type": "step", **r}))
+        trained = hist.model
+        derived_scores = _scores(recipe, trained, tok, held_rows, prompts, refs, cfg)
+        log({"type": "test", **{k: v for k, v in derived_scores.items() if k != "samples"}})
+
+        model_dir = run_dir / "model"
+        adapter_only = recipe.adapt.method in ("lora", "dora") and not recipe.adapt.merge
+        if adapter_only:
+            trained.save_pretrained(model_dir)
+            tok.save_pretrained(model_dir)
+            parity = {"ok": None, "note": "adapter only: parity is checked on merged saves"}
+        else:
+            save_merged(trained, tok, model_dir)
+            parity = parity_check(model_dir, trained, tok, PARITY_PROMPTS)  # raises on a mismatch
+        write_json_atomic(model_dir / "taoke.json", {
+            "format": "taoke-task-model", "task": recipe.task, "arch": "hf-causal-lm",
+            "adapter": {"method": recipe.adapt.method, "merged": False,
+                        "base": base.name if base.source.startswith(("package:", "hub:")) else str(base.path)}
+            if adapter_only else None,
+            "seq_len": recipe.lm.seq_len, "chat_template": tok.chat_template is not None})
+
+        lm_curves_png(hist.steps, run_dir / "plots" / "loss.png", f"{recipe.name}: training loss")
+        metric_names = [k for k in ("loss", "perplexity", recipe.lm.gen_metric, "dpo_loss", "reward_acc",
+                                    "preference_acc") if k in derived_scores]
+        strip = lambda m: {k: v for k, v in m.items() if k in metric_names}  # noqa: E731
+        reference = "parent" if base.is_run else "base"
+        rows = [(reference, strip(base_scores)), ("derived", strip(derived_scores))]
+        relation = "adapter" if adapter_only else "finetune"
+        adaptation = {**recipe.adapt.model_dump(exclude_none=True), **hist.adaptation}
+        lineage = build_lineage(
+            name=recipe.name, run_id=run_dir.name, task=recipe.task, base=base, relation=relation, edits=edits,
+            adaptation=adaptation,
+            data={"files": {"train": [{"path": str(f), "sha256": sha256_file(f)} for f in files]},
+                  "rows": {"train": len(train_rows), "test": len(held_rows)}, "preprocess": recipe.preprocess,
+                  "split": recipe.data.split.model_dump()},
+            recipe_sha256=sha256_bytes(recipe_yaml.encode()),
+            metrics={reference: rows[0][1], "derived": rows[1][1], "reference": reference, "parity": parity,
+                     "tokens_per_s": hist.tokens_per_s},
+            license=base.license)
+        write_text_atomic(model_dir / "README.md", model_card(lineage, rows, metric_names, "transformers"))
+        write_text_atomic(run_dir / "report.md", _report(lineage, rows, metric_names, reference, base_scores,
+                                                         derived_scores, hist, parity))
+        write_json_atomic(run_dir / "lineage.json", lineage)
+        write_json_atomic(run_dir / "status.json", {"state": "complete"})
+        from taoke.derive import print_table
+
+        print_table(rows, metric_names, reference)
+        console.print(f"run directory: [bold]{run_dir}[/]")
+        return run_dir
+    except BaseException as e:
+        write_json_atomic(run_dir / "status.json", {"state": "failed", "error": f"{e.__class__.__name__}: {e}"})
+        raise
+    finally:
+        log.close()
+
+
+def _report(lineage, rows, metrics, reference, base_scores, derived_scores, hist, parity) -> str:
+    from taoke.evaluate.report import comparison_table
+
+    lines = [f"# {lineage['name']}", "", f"- task: {lineage['task']}",
+             f"- base: {lineage['base']['name']} ({lineage['base']['source']})",
+             f"- adaptation: {lineage['adaptation'].get('method')} "
+             f"({lineage['adaptation'].get('trainable_params') or 0:,} trainable parameters)",
+             f"- edits: {', '.join(e['op'] for e in lineage['edits']) or 'none'}",
+             f"- examples: {lineage['data']['rows']}",
+             f"- training: {len(hist.steps)} steps, {hist.seconds:.1f} s, {hist.tokens_per_s:.0f} non-padding tokens/s",
+             f"- parity of the saved model (reloaded with plain transformers) with the trained one: {_parity(parity)}",
+             "",
+             f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
+    lines += comparison_table(rows, metrics, reference)
+    samples_b, samples_d = base_scores.get("samples") or [], derived_scores.get("samples") or []
+    if samples_d:
+        lines += ["", "## Sample generations (held-out prompts, greedy)", ""]
+        for b, d in zip(samples_b or [None] * len(samples_d), samples_d):
+            lines += [f"**prompt:** {d.get('prompt', '')}", "",
+                      f"- reference: {d.get('reference', '')}",
+                      f"- {reference}: {b.get('prediction', '') if b else ''}",
+                      f"- derived: {d.get('prediction', '')}", ""]
+    lines += ["", "![loss](plots/loss.png)", ""]
+    return "\n".join(lines)
+
+
+def _parity(p: dict) -> str:
+    if p.get("ok") is None:
+        return p.get("note", "not checked")
+    same = sum(g["identical"] for g in p.get("generations", []))
+    return (f"{'passed' if p['ok'] else 'FAILED'}: max logit difference {p['max_logit_diff']:.2e}, "
+            f"{same}/{len(p.get('generations', []))} greedy generations identical")
+
+
+def evaluate_lm_model(model_dir: Path, data: str | None) -> dict:
+    """`taoke eval RUN --data FILE` for a language model: held-out loss and perplexity on FILE."""
+    from taoke.lm.data import encode_conversations, encode_documents, read_conversations, read_text_documents
+    from taoke.lm.load import load_causal_lm
+    from taoke.lm.train import evaluate_lm
+
+    if not data:
+        raise DataError("give --data FILE (a .txt/.jsonl text file, or chat/alpaca records)")
+    meta = json.loads((Path(model_dir) / "taoke.json").read_text())
+    model, tok = load_causal_lm(model_dir)
+    seq = meta.get("seq_len", 512)
+    if meta["task"] == "causal-lm" or Path(data).suffix == ".txt":
+        rows = encode_documents(tok, read_text_documents(data), seq)
+    else:
+        rows = encode_conversations(tok, read_conversations(data), seq)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    m = evaluate_lm(model, rows, {"seq_len": seq, "progress": False}, pad)
+    return {"model": str(model_dir), "data": data, "rows": len(rows), "metrics": m}
+
+
+def predict_lm(model_dir: Path, inputs: list[str], file: str | None, output: str | None) -> list[dict]:
+    """`taoke predict RUN "prompt" ...` or `--file prompts.jsonl [--out completions.jsonl]`."""
+    from taoke.lm.chat import predict_file
+    from taoke.lm.load import load_causal_lm
+    from taoke.lm.train import generate
+
+    model, tok = load_causal_lm(model_dir)
+    if file:
+        out = output or str(Path(file).with_suffix(".completions.jsonl"))
+        predict_file(model, tok, file, out)
+        return [json.loads(line) for line in Path(out).read_text().splitlines()]
+    if not inputs:
+        raise DataError("give prompts, or --file prompts.jsonl")
+    completions = generate(model, tok, inputs, max_new_tokens=128)
+    return [{"prompt": p, "completion": c} for p, c in zip(inputs, completions)]
