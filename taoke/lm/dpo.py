@@ -80,7 +80,7 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] 
         ref_cache = [_reference(model, _pair_batch(g, pad_id, device)) for g in groups]
     total_steps = cfg.max_steps or max(1, math.ceil(len(groups) * cfg.epochs / cfg.grad_accum))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     from transformers import get_scheduler
 
     sched = get_scheduler(cfg.scheduler, opt, int(cfg.warmup_ratio * total_steps), total_steps)
