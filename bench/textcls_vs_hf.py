@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -126,18 +125,6 @@ def run_worker(name: str, args) -> dict:
     return result
 
 
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", choices=["taoke", "hf", "hf-tuned"])
@@ -161,8 +148,10 @@ def main() -> None:
     import torch
     import transformers
 
+    from taoke.utils import machine_summary
+
     lines = [f"### textcls_vs_hf — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}", "",
+             f"machine: {machine_summary()}; torch {torch.__version__}, transformers {transformers.__version__}", "",
              f"minilm-l6 full fine-tune on data/chatterbot/topics.csv ({results['taoke']['train_rows']} train rows), "
              f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed "
              f"{args.seed}", "",

@@ -101,14 +101,6 @@ def run_pair(a: str, b: str) -> dict:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import gguf  # noqa: F401
     import numpy
     import scipy
@@ -116,10 +108,11 @@ def machine() -> str:
     import transformers
     from importlib.metadata import version
 
-    return (f"{os.cpu_count()} cores, {cpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+    from taoke.utils import machine_summary
+
+    return (f"{machine_summary()}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, "
             f"gguf {version('gguf')}, onnx {version('onnx')}")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()

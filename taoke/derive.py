@@ -35,6 +35,7 @@ from taoke.models.scratch import build_scratch
 from taoke.models.task_model import (HFClassifier, apply_head_spec, head_io, load_hf_classifier, load_task_model,
                                      read_meta, save_task_model, scratch_kwargs)
 from taoke.recipe import Recipe, load_recipe, recipe_to_yaml
+from taoke.runs import complete, running
 from taoke.train.loop import fit, predict, seed_everything
 from taoke.utils import sha256_bytes, write_json_atomic, write_text_atomic
 
@@ -166,19 +167,6 @@ def new_run_dir(recipe: Recipe, out: str | None) -> Path:
             n += 1
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as it goes so a crash keeps what was logged."""
-
-    def __init__(self, path: Path):
-        self.f = open(path, "a", buffering=1)
-
-    def __call__(self, row: dict) -> None:
-        self.f.write(json.dumps(row) + "\n")
-
-    def close(self) -> None:
-        self.f.close()
 
 
 def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: torch.Tensor) -> tuple[list, list]:
@@ -358,10 +346,8 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
     if resume:
         truncate_metrics(run_dir)
     write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
-    write_json_atomic(run_dir / "status.json", {"state": "running"})
     write_json_atomic(run_dir / "splits.json", {"source": recipe.data.train, "rows": plan.row_index})
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    try:
+    with running(run_dir) as log:
         total, trainable = adaptation["total_params"], adaptation["trainable_params"]
         console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; rows {plan.rows()}; "
                       f"trainable {trainable:,} / {total:,} params")
@@ -424,17 +410,11 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
         write_text_atomic(run_dir / "report.md", render_report(
             lineage=lineage, rows=rows, metrics=metric_names, reference=reference, notes=notes,
             per_class=derived.get("per_class"), fit=fit_info, plots=plots, k_fold=cv))
-        write_json_atomic(run_dir / "lineage.json", lineage)   # written last: its presence marks a complete run
-        write_json_atomic(run_dir / "status.json", {"state": "complete"})
+        complete(run_dir, lineage)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed while the run can be resumed
         print_table(rows, metric_names, reference)
         console.print(f"run directory: [bold]{run_dir}[/]")
         return run_dir
-    except BaseException as e:
-        write_json_atomic(run_dir / "status.json", {"state": "failed", "error": f"{e.__class__.__name__}: {e}"})
-        raise
-    finally:
-        log.close()
 
 
 def print_table(rows: list[tuple[str, dict]], metrics: list[str], reference: str | None) -> None:

@@ -3,7 +3,42 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+
+from taoke.utils import write_json_atomic
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as it goes so a crash keeps what was logged."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+@contextmanager
+def running(run_dir: Path):
+    """status.json says running while the block runs and failed (with the error) if it raises; yields the log."""
+    write_json_atomic(run_dir / "status.json", {"state": "running"})
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    try:
+        yield log
+    except BaseException as e:
+        write_json_atomic(run_dir / "status.json", {"state": "failed", "error": f"{e.__class__.__name__}: {e}"})
+        raise
+    finally:
+        log.close()
+
+
+def complete(run_dir: Path, lineage: dict) -> None:
+    write_json_atomic(run_dir / "lineage.json", lineage)   # written last: its presence marks a complete run
+    write_json_atomic(run_dir / "status.json", {"state": "complete"})
 
 
 def list_runs(root: Path) -> list[dict]:

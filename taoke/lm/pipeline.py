@@ -132,7 +132,8 @@ def _scores(recipe: Recipe, model, tok, held_rows, prompts, refs, cfg) -> dict:
 def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = False, dry_run: bool = False):
     import torch
 
-    from taoke.derive import MetricsLog, new_run_dir
+    from taoke.derive import new_run_dir
+    from taoke.runs import complete, running
     from taoke.evaluate.plots import lm_curves_png
     from taoke.lineage.card import model_card
     from taoke.lineage.record import build_lineage
@@ -164,9 +165,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
     run_dir = new_run_dir(recipe, out)
     recipe_yaml = recipe_to_yaml(recipe)
     write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
-    write_json_atomic(run_dir / "status.json", {"state": "running"})
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    try:
+    with running(run_dir) as log:
         console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; {len(train_rows)} train / "
                       f"{len(held_rows)} held-out examples; adapt {recipe.adapt.method}")
         base_scores = _scores(recipe, model, tok, held_rows, prompts, refs, cfg)
@@ -219,18 +218,12 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
         write_text_atomic(model_dir / "README.md", model_card(lineage, rows, metric_names, "transformers"))
         write_text_atomic(run_dir / "report.md", _report(lineage, rows, metric_names, reference, base_scores,
                                                          derived_scores, hist, parity))
-        write_json_atomic(run_dir / "lineage.json", lineage)
-        write_json_atomic(run_dir / "status.json", {"state": "complete"})
+        complete(run_dir, lineage)
         from taoke.derive import print_table
 
         print_table(rows, metric_names, reference)
         console.print(f"run directory: [bold]{run_dir}[/]")
         return run_dir
-    except BaseException as e:
-        write_json_atomic(run_dir / "status.json", {"state": "failed", "error": f"{e.__class__.__name__}: {e}"})
-        raise
-    finally:
-        log.close()
 
 
 def _report(lineage, rows, metrics, reference, base_scores, derived_scores, hist, parity) -> str:
