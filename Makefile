@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/taoke derive recipes/text-topics.yaml --out runs/demo-text-topics
+	$(BIN)/taoke derive recipes/text-topics.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
