@@ -24,7 +24,7 @@ def _lm_train_config(recipe: Recipe) -> dict:
         raise RecipeError("adapt.method 'head' has no meaning for a causal LM; use full, freeze, lora or dora.")
     return dict(method=a.method, freeze_layers=a.layers, r=a.r, alpha=a.alpha, dropout=a.dropout,
                 target_modules=a.target_modules, lr=t.lr, weight_decay=t.weight_decay,
-                scheduler=t.scheduler if t.scheduler != "linear" else "linear", warmup_ratio=t.warmup_ratio,
+                scheduler=t.scheduler, warmup_ratio=t.warmup_ratio,
                 max_steps=t.max_steps, epochs=t.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
                 max_grad_norm=t.max_grad_norm or 0.0, seq_len=lm.seq_len, packing=lm.packing,
                 precision=t.precision, seed=t.seed, threads=lm.threads, progress=True)
