@@ -32,7 +32,7 @@ from taoke.library import BaseRef, resolve
 from taoke.lineage.card import model_card
 from taoke.lineage.record import build_lineage
 from taoke.models.scratch import build_scratch
-from taoke.models.task_model import (HFClassifier, apply_head_spec, head_io, load_hf_classifier, load_task_model,
+from taoke.models.task_model import (HFClassifier, head_io, load_hf_classifier, load_task_model,
                                      read_meta, save_task_model, scratch_kwargs)
 from taoke.recipe import Recipe, load_recipe, recipe_to_yaml
 from taoke.runs import complete, running
@@ -202,15 +202,15 @@ def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: t
         notes.append(f"trained from scratch: no pretrained base; baseline = {what} on the same split.")
         return rows, notes
     # A pretrained encoder: linear probe on its frozen features (+ zero-shot by label names).
-    emb_train = baselines.encoder_embeddings(base.path, text_column(train, inputs), inputs["max_length"])
-    emb_test = baselines.encoder_embeddings(base.path, text_column(test, inputs), inputs["max_length"])
+    zero_shot = recipe.eval.zero_shot and not regression and (Path(base.path) / "modules.json").exists()
+    text_sets = [text_column(train, inputs), text_column(test, inputs)] + ([labels] if zero_shot else [])
+    emb_train, emb_test, *label_emb = baselines.encoder_embeddings(base.path, text_sets, inputs["max_length"])
     pred = baselines.linear_probe(emb_train, y_train, emb_test, regression, recipe.train.seed)
     rows.append(("base (linear probe)", baselines.score(y_test, pred, regression, labels)))
     notes.append("base (linear probe) = logistic regression on the base's frozen mean-pooled embeddings, "
                  "fitted on the training split.")
-    if recipe.eval.zero_shot and not regression and (Path(base.path) / "modules.json").exists():
-        label_emb = baselines.encoder_embeddings(base.path, labels, inputs["max_length"])
-        zs = baselines.zero_shot(emb_test, label_emb)
+    if zero_shot:
+        zs = baselines.zero_shot(emb_test, label_emb[0])
         rows.append(("base (zero-shot)", baselines.score(y_test, zs, False, labels)))
         notes.append("base (zero-shot) = nearest label name by cosine similarity of sentence embeddings.")
     return rows, notes

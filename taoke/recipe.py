@@ -371,11 +371,7 @@ def _resolve_data_paths(recipe: Recipe, recipe_dir: Path) -> None:
     for key in ("train", "validation", "test"):
         value = getattr(recipe.data, key)
         if value and ":" not in value.split("/")[0]:  # leave sources like sklearn:digits alone
-            p = Path(value).expanduser()
-            if not p.is_absolute():
-                cand = [Path.cwd() / p, recipe_dir / p, recipe_dir.parent / p]
-                p = next((c for c in cand if c.exists()), cand[0])
-            setattr(recipe.data, key, str(p.resolve()))
+            setattr(recipe.data, key, _resolve_path(value, recipe_dir))
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

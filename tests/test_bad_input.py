@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import ROOT, TOPICS, run_cli
+from conftest import TOPICS, run_cli
 
 GOOD = f"""name: bad
 base: minilm-l6

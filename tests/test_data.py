@@ -69,7 +69,7 @@ def test_unknown_label_in_test_file(tmp_path):
     train.write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(20)))
     test = tmp_path / "test.csv"
     test.write_text("text,label\nx,a\ny,zebra\n")
-    r = recipe_for(tmp_path, train, extra=f"")
+    r = recipe_for(tmp_path, train)
     r.data.test = str(test)
     with pytest.raises(DataError, match=r"'zebra' not seen in training"):
         prepare_data(r)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, read_json, run_cli
+from conftest import read_json, run_cli
 
 FAST = ["--quiet"]
 

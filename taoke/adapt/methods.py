@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from taoke.edit.layers import find_stack
 from taoke.errors import RecipeError
 from taoke.models.task_model import HFClassifier, count_parameters, get_head
 from taoke.recipe import AdaptConfig
@@ -13,17 +14,8 @@ def layer_stack(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
     """(ordered blocks, embeddings) of a model, bottom first, for freezing by depth."""
     if isinstance(model, HFClassifier):
         base = model.hf.base_model
-        for path in ("encoder.layer", "layers", "h", "transformer.layer", "encoder.layers"):
-            obj = base
-            try:
-                for part in path.split("."):
-                    obj = getattr(obj, part)
-            except AttributeError:
-                continue
-            if isinstance(obj, nn.ModuleList):
-                emb = getattr(base, "embeddings", None) or getattr(base, "embed_tokens", None)
-                return list(obj), emb
-        raise RecipeError(f"cannot find the layer stack of {type(model.hf).__name__} to freeze")
+        emb = getattr(base, "embeddings", None) or getattr(base, "embed_tokens", None)
+        return list(find_stack(model)[2]), emb
     body = getattr(model, "body", None)
     if body is not None:
         return [m for m in body.children() if any(p.requires_grad for p in m.parameters())], None

@@ -13,7 +13,7 @@ from taoke.data import image as image_ops
 from taoke.data.load import Table, load_source, require_columns
 from taoke.data.splits import check_known_labels, check_labels, check_no_empty_class, class_labels, split_frame
 from taoke.data.tabular import fit_tabular
-from taoke.data.text import dedup, normalize_text
+from taoke.data.text import normalize_text
 from taoke.errors import DataError
 from taoke.recipe import Recipe
 

@@ -1,4 +1,4 @@
-"""Text preprocessing: normalisation, de-duplication, and tokenisation to id lists (done once)."""
+"""Text preprocessing: normalisation, and tokenisation to id lists (done once)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import unicodedata
 
 import pandas as pd
 
-from taoke.recipe import Dedup, NormalizeText
+from taoke.recipe import NormalizeText
 
 
 def normalize_text(texts: pd.Series, cfg: NormalizeText) -> pd.Series:
@@ -21,10 +21,6 @@ def normalize_text(texts: pd.Series, cfg: NormalizeText) -> pd.Series:
             t = re.sub(r"\s+", " ", t)
         return t.strip() if cfg.strip else t
     return texts.map(one)
-
-
-def dedup(frame: pd.DataFrame, column: str, cfg: Dedup) -> pd.DataFrame:
-    return frame.drop_duplicates(subset=[column], keep=cfg.keep)
 
 
 def train_word_tokenizer(texts: list[str], vocab_size: int):

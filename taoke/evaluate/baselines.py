@@ -19,26 +19,30 @@ from taoke.evaluate.metrics import classification_metrics, regression_metrics
 
 
 @torch.no_grad()
-def encoder_embeddings(model_dir, texts: list[str], max_length: int, batch_size: int = 64) -> np.ndarray:
-    """Frozen sentence embeddings: mean pooling + L2 norm, as sentence-transformers encoders are used."""
+def encoder_embeddings(model_dir, text_sets: list[list[str]], max_length: int, batch_size: int = 64) -> list[np.ndarray]:
+    """Frozen sentence embeddings (mean pooling + L2 norm, as sentence-transformers encoders are used) for
+    each list of texts, loading the encoder once."""
     from transformers import AutoModel, AutoTokenizer
+
+    from taoke.models.task_model import _mean_pool
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     enc = AutoModel.from_pretrained(model_dir).eval()
-    out = []
-    order = np.argsort([len(t) for t in texts])  # length-sorted batches pad less
-    for s in range(0, len(texts), batch_size):
-        idx = order[s:s + batch_size]
-        batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
-        h = enc(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        e = (h * m).sum(1) / m.sum(1).clamp_min(1)
-        out.append((idx, torch.nn.functional.normalize(e, dim=-1).numpy()))
-    emb = np.zeros((len(texts), out[0][1].shape[1]), dtype=np.float32)
-    for idx, e in out:
-        emb[idx] = e
-    return emb
+    results = []
+    for texts in text_sets:
+        emb = None
+        order = np.argsort([len(t) for t in texts])  # length-sorted batches pad less
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+            e = _mean_pool(enc(**batch).last_hidden_state, batch["attention_mask"])
+            e = torch.nn.functional.normalize(e, dim=-1).numpy()
+            if emb is None:
+                emb = np.zeros((len(texts), e.shape[1]), dtype=np.float32)
+            emb[idx] = e
+        results.append(emb)
+    return results
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, regression: bool, seed: int = 0):

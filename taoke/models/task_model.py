@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -134,8 +133,6 @@ def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, re
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     # The fresh head is expected to be missing from the base; silence transformers' warning about it.
-    level = logging.getLogger("transformers.modeling_utils").level
-    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_level = hf_logging.get_verbosity()
@@ -146,7 +143,6 @@ def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, re
         raise ModelError(f"{path}: architecture '{config.model_type}' cannot be loaded for sequence "
                          f"classification ({e}).") from None
     finally:
-        logging.getLogger("transformers.modeling_utils").setLevel(level)
         hf_logging.set_verbosity(hf_level)
     return HFClassifier(hf)
 

@@ -161,7 +161,8 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
     dtype = autocast_dtype(cfg.precision, device, sum(p.numel() for p in model.parameters()))
     gen = torch.Generator().manual_seed(cfg.seed)
     if dtype is not None and device.type == "cpu" and cfg.precision == "auto":
-        longest = max(range(len(train)), key=lambda i: train.lengths()[i])
+        lengths = train.lengths()
+        longest = max(range(len(train)), key=lengths.__getitem__)
         sample = list(range(min(cfg.batch_size, len(train))))
         dtype = probe_precision(model, train.batch(sample[:-1] + [longest] if longest not in sample else sample),
                                 device, regression)
