@@ -56,6 +56,28 @@ def pick_device(preference: str = "auto"):
     return torch.device("cpu")
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to keep freed blocks for reuse instead of returning them to the OS.
+
+    Training frees and re-allocates the same large buffers every step (a 30k-row embedding's gradient is
+    47 MB); glibc serves blocks over 32 MB with fresh mmaps, so each step page-faults them in again
+    (~13 ms of a 100 ms MiniLM step here). PyTorch's CPU tuning guide swaps in jemalloc/tcmalloc for
+    this; mallopt gets the same reuse in-process with nothing to install. No-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX)."""
     try:

@@ -21,7 +21,8 @@ from taoke.errors import RecipeError
 from taoke.lm.data import encode_dpo
 from taoke.lm.loss import body_and_head, shifted_targets, token_logprobs
 from taoke.lm.pack import padded_batch
-from taoke.lm.train import LMHistory, LMTrainConfig, adapt_lm, autocast_for, model_device
+from taoke.lm.train import LMHistory, LMTrainConfig, adapt_lm, model_device
+from taoke.train.precision import autocast, autocast_dtype
 
 
 
@@ -71,6 +72,7 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] 
     model, record = adapt_lm(model, cfg)
     peft = hasattr(model, "disable_adapter")
     device = model_device(model)
+    dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     n = cfg.batch_size
     groups = [train_pairs[i:i + n] for i in range(0, len(train_pairs), n)]
@@ -95,7 +97,7 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] 
             batch = _pair_batch(groups[k], pad_id, device)
             half = len(groups[k])
             ref = ref_cache[k] if ref_cache is not None else _reference(model, batch)
-            with autocast_for(device, cfg.precision):
+            with autocast(device, dtype):
                 pol = sequence_logprobs(model, batch)
             loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], beta)
             (loss / cfg.grad_accum).backward()

@@ -20,7 +20,8 @@ from taoke.errors import RecipeError
 from taoke.lm.data import IGNORE
 from taoke.lm.loss import lm_loss_sum, unwrap
 from taoke.lm.pack import batches, pack_rows, packed_batch, padded_batch
-from taoke.utils import cpu_has_bf16
+from taoke.train.precision import autocast, autocast_dtype
+from taoke.utils import keep_freed_memory
 
 
 @dataclass
@@ -149,19 +150,6 @@ def _counts(model) -> dict:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def autocast_for(device: torch.device, precision: str):
-    """A bf16 autocast context where the hardware runs bf16 natively (emulated bf16 on a CPU is ~300x slower)."""
-    if precision == "fp32":
-        use = False
-    elif precision == "bf16":
-        use = True
-    elif device.type == "cuda":
-        use = torch.cuda.is_bf16_supported()
-    else:
-        use = cpu_has_bf16()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
-
-
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -203,6 +191,9 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
         torch.set_num_threads(cfg.threads)
     model, record = adapt_lm(model, cfg)
     device = model_device(model)
+    if device.type == "cpu":
+        keep_freed_memory()
+    dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     per_epoch = math.ceil(len(make_batches(train_rows, cfg, pad_id, seed=None)) / cfg.grad_accum)
@@ -240,7 +231,7 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
             n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
             loss_total = 0.0
             for b in group:
-                with autocast_for(device, cfg.precision):
+                with autocast(device, dtype):
                     loss_sum, _ = lm_loss_sum(model, _to(b, device), cfg.chunk_tokens)
                 (loss_sum / max(n_targets, 1)).backward()
                 loss_total += float(loss_sum.detach())
@@ -277,9 +268,10 @@ def evaluate_lm(model, rows: list[dict], cfg: LMTrainConfig | dict | None = None
     was_training = model.training
     model.eval()
     device = model_device(model)
+    dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
     total, n = 0.0, 0
     for b in make_batches(rows, cfg, pad_id, seed=None):
-        with autocast_for(device, cfg.precision):
+        with autocast(device, dtype):
             loss_sum, k = lm_loss_sum(model, _to(b, device), cfg.chunk_tokens)
         total += float(loss_sum)
         n += k

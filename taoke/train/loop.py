@@ -22,7 +22,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from taoke.recipe import TrainConfig
 from taoke.train.batches import Encoded, batch_indices, to_device
-from taoke.utils import cpu_has_bf16, pick_device
+from taoke.train.embedding_rows import EmbeddingRowsHandle, compact_input_embedding
+from taoke.train.precision import autocast, autocast_dtype
+from taoke.utils import keep_freed_memory, pick_device
 
 
 @dataclass
@@ -41,48 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# Below this size autocast's casts cost more than bf16 matmuls save on a CPU (measured on an 8x8 CNN).
-BF16_MIN_PARAMS = 5_000_000
-
-
-def autocast_dtype(precision: str, device: torch.device, num_params: int | None = None) -> torch.dtype | None:
-    """bf16 where the hardware runs it natively and the model is big enough to gain; None means fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if num_params is not None and num_params < BF16_MIN_PARAMS:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def probe_precision(model: torch.nn.Module, batch: dict, device: torch.device, regression: bool) -> torch.dtype | None:
-    """On a CPU with bf16 instructions, time forward+backward on a real batch in fp32 and in bf16 autocast
-    and keep the faster: whether bf16 pays depends on the CPU's kernels and the shapes (on some it is 20x
-    slower for small transformer batches, on others 2x faster)."""
-    import time as _time
-
-    batch = to_device(batch, device)
-    targets = batch.pop("labels")
-
-    def one(dtype):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = model(**batch)
-        compute_loss(out, targets, regression).backward()
-
-    timings = {}
-    with torch.random.fork_rng(devices=[]):  # dropout draws here must not shift the training RNG
-        for dtype in (None, torch.bfloat16):
-            one(dtype)  # warm-up
-            t0 = _time.perf_counter()
-            one(dtype)
-            timings[dtype] = _time.perf_counter() - t0
-    model.zero_grad(set_to_none=True)
-    return min(timings, key=timings.get)
 
 
 def compute_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -111,15 +71,20 @@ def predict(model: torch.nn.Module, data: Encoded, batch_size: int = 64, device:
             precision: str = "auto") -> torch.Tensor:
     """Model outputs for every row of `data`, in order, as fp32 on the CPU."""
     device = device or next(model.parameters()).device
-    dtype = autocast_dtype(precision, device, sum(p.numel() for p in model.parameters()))
+    dtype = autocast_dtype(precision, device, model, batch_size * _mean_length(data))
     model.eval()
     outs = []
     for idx in batch_indices(data, batch_size, shuffle=False, bucket=False):
         batch = to_device(data.batch(idx), device)
         batch.pop("labels")
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             outs.append(model(**batch).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def _mean_length(data: Encoded) -> int:
+    lengths = data.lengths()
+    return max(1, round(sum(lengths) / max(len(lengths), 1)))
 
 
 def _monitor_mode(metric: str, mode: str) -> str:
@@ -158,19 +123,32 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
-    dtype = autocast_dtype(cfg.precision, device, sum(p.numel() for p in model.parameters()))
+    # Only the embedding rows the training text uses are trained; the result equals dense AdamW.
+    rows = compact_input_embedding(model, train.ids, cfg.optimizer, cfg.weight_decay) if train.ids else None
+    try:
+        return _fit(model, train, val, cfg, regression=regression, evaluate=evaluate, augment=augment,
+                    on_epoch=on_epoch, on_step=on_step, checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet,
+                    rows=rows)
+    finally:
+        if rows is not None:
+            rows.restore()
+
+
+def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainConfig, *, regression: bool,
+         evaluate, augment, on_epoch, on_step, checkpoint_dir: Path | None, resume: bool, quiet: bool,
+         rows: EmbeddingRowsHandle | None) -> FitResult:
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()
+    dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * _mean_length(train))
     gen = torch.Generator().manual_seed(cfg.seed)
-    if dtype is not None and device.type == "cpu" and cfg.precision == "auto":
-        lengths = train.lengths()
-        longest = max(range(len(train)), key=lengths.__getitem__)
-        sample = list(range(min(cfg.batch_size, len(train))))
-        dtype = probe_precision(model, train.batch(sample[:-1] + [longest] if longest not in sample else sample),
-                                device, regression)
 
     steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = make_optimizer(model, cfg)
+    if rows is not None:
+        rows.track_decay(optimizer)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
@@ -213,7 +191,7 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
                 if augment is not None:
                     batch = augment(batch)
                 targets = batch.pop("labels")
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with autocast(device, dtype):
                     outputs = model(**batch)
                 loss = compute_loss(outputs, targets, regression) / cfg.grad_accum
                 loss.backward()
