@@ -5,7 +5,7 @@ config, sequence length, batch size (rows per step), steps, lr and schedule. Eac
 subprocess so peak RSS does not mix. Held-out loss is computed by one function (taoke.lm.train.evaluate_lm,
 exact per-token mean) for every peer. Prints a markdown table and appends it to bench/RESULTS.md.
 
-    .venv/bin/python bench/sft_vs_hf.py --steps 20 --batch 2 --seq-len 256 --threads 1
+    .venv/bin/python bench/sft_vs_hf.py --steps 20 --batch 2 --seq-len 256 --threads 2
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "chatterbot" / "dialogs.jsonl"
-LORA = dict(r=16, alpha=32, dropout=0.05)
+# lora_dropout 0: the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml
+LORA = dict(r=16, alpha=32, dropout=0.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -64,10 +65,11 @@ def worker(peer: str, args) -> dict:
         tokens, seconds, examples, model = hist.tokens, hist.seconds, None, hist.model
     else:
         tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args)
+    train_rss = peak_rss_mb()  # the peak up to the end of training, before the shared evaluation
     held_loss = evaluate_lm(model, held, eval_cfg, tok.pad_token_id)["loss"]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "examples": examples, "params": n_params}
+            "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss, "examples": examples, "params": n_params}
 
 
 class _TokenCounter:
@@ -96,11 +98,12 @@ def _hf_train(peer, model, tok, train, args):
     common = dict(output_dir="/tmp/taoke-bench-hf", per_device_train_batch_size=args.batch, max_steps=args.steps,
                   learning_rate=args.lr, warmup_steps=int(0.1 * args.steps), lr_scheduler_type="cosine",
                   max_grad_norm=1.0, weight_decay=0.0, logging_steps=max(1, args.steps // 4), save_strategy="no",
-                  report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+                  report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                  bf16=peer.endswith("-bf16"))
     counter = _TokenCounter()
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
                       task_type="CAUSAL_LM")
-    if peer == "hf":
+    if peer in ("hf", "hf-bf16"):
         ds = ds.remove_columns("completion_mask")
         model = get_peft_model(model, lora)
         collate = counter(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
@@ -157,7 +160,9 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every peer (1 is fastest when the "
                                                            "machine is shared; set to the core count otherwise)")
-    ap.add_argument("--peers", default="taoke,hf,trl")
+    ap.add_argument("--peers", default="taoke,hf,hf-bf16,trl",
+                    help="hf: HF Trainer+PEFT defaults (fp32); hf-bf16: the same with bf16=True")
+    ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -179,16 +184,17 @@ def main():
     hf = by.get("hf", {})
     from taoke.utils import cpu_has_bf16
 
-    lines = ["| peer | non-pad tokens/s | vs HF | MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB | held-out loss "
-             "| tokens seen |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| peer | non-pad tokens/s | vs HF | MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB training | "
+             "peak RSS MB incl. eval | held-out loss | tokens seen |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['peer']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['peer']} | failed: {r['error']} | | | | | | | |")
             continue
         flops = 6 * r["params"] * r["tokens_per_s"]  # PaLM-style 6N per token (LoRA's frozen weights skip ~1/3)
         ratio = r["tokens_per_s"] / hf["tokens_per_s"] if hf.get("tokens_per_s") else float("nan")
         lines.append(f"| {r['peer']} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {flops / peak_bf16:.1%} | "
-                     f"{flops / peak_fp32:.1%} | {r['peak_rss_mb']:.0f} | {r['held_out_loss']:.4f} | {r['tokens']} |")
+                     f"{flops / peak_fp32:.1%} | {r['train_peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+                     f"{r['held_out_loss']:.4f} | {r['tokens']} |")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     head = (f"\n## sft_vs_hf — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
@@ -202,6 +208,8 @@ def main():
             "steps and batch taoke sees more tokens. Held-out loss: same evaluator for all.\n\n")
     text = head + "\n".join(lines) + "\n"
     print(text)
+    if args.no_record:
+        return
     with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
         f.write(text)
 

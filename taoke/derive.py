@@ -429,7 +429,9 @@ def print_table(rows: list[tuple[str, dict]], metrics: list[str], reference: str
     ref = dict(rows).get(reference) if reference else None
     if ref:
         d = dict(rows)["derived"]
-        table.add_row(f"delta vs {reference}", *[f"{d[k] - ref[k]:+.4f}" for k in metrics], style="bold")
+        # a metric only the derived model has (e.g. DPO loss against its own reference) has no delta
+        table.add_row(f"delta vs {reference}", *[f"{d[k] - ref[k]:+.4f}" if k in d and k in ref else "-"
+                                                 for k in metrics], style="bold")
     Console().print(table)
 
 

@@ -78,6 +78,19 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def release_freed_memory() -> None:
+    """Return the free heap that keep_freed_memory held back to the OS (glibc malloc_trim); no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX)."""
     try:

@@ -18,10 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from taoke.errors import RecipeError
 from taoke.lm.data import IGNORE
+from taoke.lm.frozen import FrozenInLowPrecision
 from taoke.lm.loss import lm_loss_sum, unwrap
 from taoke.lm.pack import batches, pack_rows, packed_batch, padded_batch
 from taoke.train.precision import autocast, autocast_dtype
-from taoke.utils import keep_freed_memory
+from taoke.utils import keep_freed_memory, release_freed_memory
 
 
 @dataclass
@@ -222,40 +223,44 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
                         TimeElapsedColumn(), disable=not cfg.progress, transient=False)
     start = time.perf_counter()
     eval_seconds = 0.0  # periodic evaluations are left out of tokens/s
-    with progress:
-        task = progress.add_task("train", total=total_steps, info="")
-        for step in range(1, total_steps + 1):
-            group = [next(stream) for _ in range(cfg.grad_accum)]
-            # normalise by the labelled tokens of the whole optimizer step, so packing and accumulation
-            # do not change what one step optimises
-            n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-            loss_total = 0.0
-            for b in group:
-                with autocast(device, dtype):
-                    loss_sum, _ = lm_loss_sum(model, _to(b, device), cfg.chunk_tokens)
-                (loss_sum / max(n_targets, 1)).backward()
-                loss_total += float(loss_sum.detach())
-                hist.tokens += b["n_real"]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm \
-                else float("nan")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start - eval_seconds
-            row = {"step": step, "loss": loss_total / max(n_targets, 1), "lr": sched.get_last_lr()[0],
-                   "grad_norm": grad_norm, "tokens": hist.tokens, "tokens_per_s": hist.tokens / elapsed}
-            hist.steps.append(row)
-            progress.update(task, advance=1,
-                            info=f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s")
-            if on_step:
-                on_step(row)
-            if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                t0 = time.perf_counter()
-                hist.evals.append({"step": step, **evaluate_lm(model, eval_rows, cfg, pad_id)})
-                eval_seconds += time.perf_counter() - t0
-    hist.seconds = time.perf_counter() - start - eval_seconds
-    if eval_rows:
-        hist.evals.append({"step": total_steps, **evaluate_lm(model, eval_rows, cfg, pad_id)})
+    # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying)
+    with FrozenInLowPrecision(model, dtype if cfg.method != "dora" else None):
+        with progress:
+            task = progress.add_task("train", total=total_steps, info="")
+            for step in range(1, total_steps + 1):
+                group = [next(stream) for _ in range(cfg.grad_accum)]
+                # normalise by the labelled tokens of the whole optimizer step, so packing and accumulation
+                # do not change what one step optimises
+                n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+                loss_total = 0.0
+                for b in group:
+                    with autocast(device, dtype):
+                        loss_sum, _ = lm_loss_sum(model, _to(b, device), cfg.chunk_tokens)
+                    (loss_sum / max(n_targets, 1)).backward()
+                    loss_total += float(loss_sum.detach())
+                    hist.tokens += b["n_real"]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm \
+                    else float("nan")
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                elapsed = time.perf_counter() - start - eval_seconds
+                row = {"step": step, "loss": loss_total / max(n_targets, 1), "lr": sched.get_last_lr()[0],
+                       "grad_norm": grad_norm, "tokens": hist.tokens, "tokens_per_s": hist.tokens / elapsed}
+                hist.steps.append(row)
+                progress.update(task, advance=1,
+                                info=f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s")
+                if on_step:
+                    on_step(row)
+                if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    t0 = time.perf_counter()
+                    hist.evals.append({"step": step, **evaluate_lm(model, eval_rows, cfg, pad_id)})
+                    eval_seconds += time.perf_counter() - t0
+        hist.seconds = time.perf_counter() - start - eval_seconds
+        if eval_rows:
+            hist.evals.append({"step": total_steps, **evaluate_lm(model, eval_rows, cfg, pad_id)})
+    if device.type == "cpu":
+        release_freed_memory()  # hand the training activations' memory back before what comes next
     model.eval()
     hist.model = model
     return hist

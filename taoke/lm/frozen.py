@@ -1,0 +1,70 @@
+"""Hold frozen matmul weights in bf16 while training under bf16 autocast, then put the fp32 ones back.
+
+Under bf16 autocast every nn.Linear casts its fp32 weight to bf16 on each forward and keeps that copy for
+the backward. For a frozen weight (the base of a LoRA, a frozen layer) the fp32 master is never updated,
+so storing it in bf16 for the length of training gives the same matmul inputs bit for bit, while the
+model's memory shrinks by 2 bytes per frozen parameter, the per-step copies disappear, and so does the
+cast time. The fp32 weights wait in a temporary safetensors file (mmap, not RAM) and are copied back when
+training ends, so merging, saving and the parity check see the exact base weights. (torch.save writes each
+storage straight from memory; safetensors' save_file would first copy them all into bytes.) The file is our
+own and is read back with weights_only=True and mmap.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _frozen_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32
+            and id(m.weight) not in embedding_weights}  # a tied head is also the fp32 embedding lookup
+
+
+class FrozenInLowPrecision:
+    """Context manager: frozen Linear weights in `dtype` inside, their exact fp32 values again after."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None):
+        self.model, self.dtype = model, dtype
+        self.file: Path | None = None
+        self.modules: dict[str, nn.Linear] = {}
+
+    def __enter__(self) -> "FrozenInLowPrecision":
+        if self.dtype is None:
+            return self
+        self.modules = _frozen_linears(self.model)
+        if not self.modules:
+            return self
+        fd, path = tempfile.mkstemp(prefix="taoke-frozen-", suffix=".pt")
+        self.file = Path(path)
+        with open(fd, "wb") as f:
+            torch.save({name: m.weight.detach() for name, m in self.modules.items()}, f)
+        for m in self.modules.values():
+            m.weight.data = m.weight.data.to(self.dtype)
+        # from_pretrained may leave tensors on a mmap of the checkpoint: the mapping (and its resident
+        # pages) lives while any tensor uses it, so give the remaining ones their own memory to let it go
+        converted = {id(m.weight) for m in self.modules.values()}
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if id(t) not in converted and t.device.type == "cpu" and not t.untyped_storage().resizable():
+                t.data = t.data.clone()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is None:
+            return
+        try:
+            # mmap: pages come in as they are used, and on Linux the mapping outlives the unlink below
+            saved = torch.load(self.file, weights_only=True, mmap=True, map_location="cpu")
+            for name, m in self.modules.items():
+                m.weight.data = saved[name].to(m.weight.device)
+        finally:
+            try:
+                self.file.unlink(missing_ok=True)
+            except OSError:  # Windows will not delete a mapped file; it is in the temp dir
+                pass
+            self.file = None
