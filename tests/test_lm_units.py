@@ -273,3 +273,25 @@ def test_generate_eval_metrics(tok):
     res = generate_eval(tiny_llama(), tok, ["What is AI?", "Hi"], ["AI", "Hello"], metric="rouge_l",
                         max_new_tokens=3)
     assert res["n"] == 2 and len(res["samples"]) == 2 and 0 <= res["score"] <= 1
+
+
+def test_frozen_weights_held_in_bf16_then_restored_exactly(tok):
+    from taoke.lm.frozen import FrozenInLowPrecision
+
+    model = _adapted("lora")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    batch = packed_batch(pack_rows(encode_conversations(tok, read_conversations(ROOT_DATA)[:4], 128), 256, 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, _ = lm_loss_sum(model, batch)
+    with FrozenInLowPrecision(model, torch.bfloat16) as held:
+        names = {f"{n}.weight" for n in held.modules}
+        params = dict(model.named_parameters())
+        assert names and all(params[n].dtype == torch.bfloat16 for n in names)
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # LoRA stays fp32
+        assert params["base_model.model.model.embed_tokens.weight"].dtype == torch.float32  # tied to the head
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = lm_loss_sum(model, batch)
+    assert torch.equal(plain, low)  # autocast casts to bf16 anyway: same numbers
+    after = dict(model.named_parameters())
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], w) for n, w in frozen.items())
+    assert held.file is None
