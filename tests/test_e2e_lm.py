@@ -4,6 +4,7 @@ model passes the parity check (the run only completes if it does), predict answe
 import json
 
 import pytest
+import torch
 
 from conftest import read_json, run_cli
 
@@ -44,3 +45,52 @@ def test_continued_pretraining(tmp_path):
 def test_dpo_lora(tmp_path):
     out, lin, base, derived = derive("dpo-lora", tmp_path, "--set", "train.max_steps=8")
     assert derived["dpo_loss"] < 0.6931 and lin["metrics"]["parity"]["ok"]
+
+
+# ---------------------------------------------------------------------------------------------- edits on LLaMA
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_llama_pro_block_expansion_trains_only_new_blocks(tmp_path):
+    from taoke.lm.load import plain_model_dir
+
+    out, lin, base, derived = derive("sft-llama-pro", tmp_path, "--set", "train.max_steps=6",
+                                     "--set", "data.max_rows=80")
+    edit = lin["edits"][0]
+    assert edit["op"] == "expand_layers" and edit["layers_after"] == 33 and edit["new_positions"] == [10, 21, 32]
+    assert read_json(out / "model" / "config.json")["num_hidden_layers"] == 33
+    assert lin["adaptation"]["trainable_params"] == 3 * 3_540_096  # three SmolLM2 blocks, nothing else
+    assert derived["loss"] < base["loss"] and lin["metrics"]["parity"]["ok"] is True
+    saved, original = _weights(out / "model"), _weights(plain_model_dir("smollm2-135m"))
+    new_of_old = [i for i in range(33) if i not in (10, 21, 32)]
+    for new, old in [(0, 0), (9, 9), (11, 10), (22, 20), (31, 29)]:  # base blocks kept bit for bit
+        assert new_of_old[old] == new
+        for part in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(saved[f"model.layers.{new}.{part}"], original[f"model.layers.{old}.{part}"].float())
+    assert saved["model.layers.10.mlp.down_proj.weight"].abs().max() > 0  # the new block left its zero start
+
+
+def test_drop_layers_on_llama_saves_a_shallower_model(tmp_path):
+    out, lin, base, derived = derive("sft-drop-layers", tmp_path, "--set", "train.max_steps=6",
+                                     "--set", "data.max_rows=80")
+    assert lin["edits"][0]["layers_after"] == 24 and read_json(out / "model" / "config.json")["num_hidden_layers"] == 24
+    assert lin["metrics"]["parity"]["ok"] is True  # KV-cache layer indices renumbered: generation matches
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_vocab_expansion_with_cjk_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    out, lin, base, derived = derive("sft-vocab-cjk", tmp_path)
+    edit = lin["edits"][0]
+    assert edit["added"] == 300 and edit["vocab_after"] == 49152 + 300
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert len(tok("你好", add_special_tokens=False)["input_ids"]) == 2  # one token per character now
+    assert read_json(out / "model" / "config.json")["vocab_size"] == 49452 and lin["metrics"]["parity"]["ok"]
+    # loss per token is not comparable across tokenizers; bits per byte of the same text is
+    assert derived["bits_per_byte"] < base["bits_per_byte"]

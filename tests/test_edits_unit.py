@@ -46,3 +46,28 @@ def test_drop_every_k_and_errors():
         drop_layers(model, [5], None, cfg)
     with pytest.raises(RecipeError, match="no transformer layer stack"):
         drop_layers(build_scratch("cnn", 2, {}), [0], None, {})
+
+
+def test_layer_edits_on_a_causal_lm_keep_config_cache_and_generation_right():
+    """A plain LlamaForCausalLM (no classifier wrapper): depth, layer_types and KV-cache indices follow the edit,
+    so cached greedy generation equals uncached generation after expanding and after dropping."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=63)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 63, (1, 5))
+    before = model(input_ids=ids).logits
+    model.config.layer_types = ["a", "b", "c"]  # per-layer kinds (sliding/full in models that have them)
+    expand_layers(model, [1], {})
+    assert model.config.layer_types == ["a", "b", "b", "c"]
+    model.config.layer_types = None  # LLaMA itself has only full attention
+    assert model.config.num_hidden_layers == 4 and [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2, 3]
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-5)
+    drop_layers(model, [0, 3], None, {})
+    assert model.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in model.model.layers] == [0, 1]
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        plain = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)

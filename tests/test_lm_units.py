@@ -1,6 +1,7 @@
 """Unit tests of the causal-LM building blocks: data and masks, packing, chunked CE, merge, parity, DPO."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -295,3 +296,16 @@ def test_frozen_weights_held_in_bf16_then_restored_exactly(tok):
     after = dict(model.named_parameters())
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], w) for n, w in frozen.items())
     assert held.file is None
+
+
+def test_rouge_l_scores_cjk_text_and_bits_per_byte_ignore_tokenization(tok):
+    from taoke.lm.pipeline import _bits_per_byte
+    from taoke.lm.train import METRICS
+
+    assert METRICS["rouge_l"]("是的,我受到造物者", "是的,我受到造物者的启发") > 0.8  # the default tokenizer gives 0
+    assert METRICS["rouge_l"]("running dogs", "run dog") == 1.0  # ASCII keeps the stemmed scorer
+    rows = encode_conversations(tok, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "你好"}]], 64)
+    n_labels = sum(1 for t in rows[0]["labels"][1:] if t != IGNORE)
+    n_bytes = len("你好<|im_end|>\n".encode())
+    scores = {"loss": 2.0, "tokens": n_labels}
+    assert _bits_per_byte(scores, rows, tok) == pytest.approx(2.0 * n_labels / math.log(2) / n_bytes)

@@ -35,39 +35,48 @@ def find_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
                       "(layer edits need a transformer: an HF model or scratch:transformer).")
 
 
-def _check_indices(indices: list[int], n: int, key: str) -> None:
+def check_indices(indices: list[int], n: int, key: str) -> None:
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
         raise RecipeError(f"edits.{key}: layer index {bad[0]} is out of range; the model has {n} layers (0..{n - 1}).")
 
 
-def _sync_config(model: nn.Module, n: int, arch_config: dict) -> None:
-    if isinstance(model, HFClassifier):
-        model.hf.config.num_hidden_layers = n
-        layers = find_stack(model)[2]
-        for i, block in enumerate(layers):  # decoder KV caches index layers by position
+def _sync_config(model: nn.Module, origin: list[int], arch_config: dict) -> None:
+    """Tell the config about the new depth; origin[i] is the old index that new layer i came from."""
+    n = len(origin)
+    hf = model.hf if isinstance(model, HFClassifier) else model
+    config = getattr(hf, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):  # any transformers model
+        config.num_hidden_layers = n
+        for i, block in enumerate(find_stack(model)[2]):  # KV caches index layers by position
             for m in block.modules():
                 if hasattr(m, "layer_idx"):
                     m.layer_idx = i
-        if hasattr(model.hf.config, "layer_types") and model.hf.config.layer_types:
-            model.hf.config.layer_types = model.hf.config.layer_types[:1] * n
+        if getattr(config, "layer_types", None):  # per-layer attention kinds (sliding / full) follow their layer
+            config.layer_types = [config.layer_types[j] for j in origin]
     elif "layers" in arch_config or hasattr(model, "encoder"):
         arch_config["layers"] = n
+
+
+def kept_layers(keep: list[int] | None, every: int | None, n: int) -> list[int]:
+    """The layer indices drop_layers keeps out of n, checked."""
+    if keep is None:
+        if not every or every < 2:
+            raise RecipeError("edits.drop_layers: give keep: [indices] or every: k (k >= 2)")
+        keep = list(range(every - 1, n, every))  # keep every k-th layer, as MiniLM-L6 keeps 1,3,5,... of L12
+    check_indices(keep, n, "drop_layers.keep")
+    if not keep:
+        raise RecipeError("edits.drop_layers: no layer would remain")
+    return sorted(set(keep))
 
 
 def drop_layers(model: nn.Module, keep: list[int] | None, every: int | None, arch_config: dict) -> dict:
     owner, attr, stack = find_stack(model)
     n = len(stack)
-    if keep is None:
-        if not every or every < 2:
-            raise RecipeError("edits.drop_layers: give keep: [indices] or every: k (k >= 2)")
-        keep = list(range(every - 1, n, every))  # keep every k-th layer, as MiniLM-L6 keeps 1,3,5,... of L12
-    _check_indices(keep, n, "drop_layers.keep")
-    if not keep:
-        raise RecipeError("edits.drop_layers: no layer would remain")
-    setattr(owner, attr, nn.ModuleList([stack[i] for i in sorted(set(keep))]))
-    _sync_config(model, len(set(keep)), arch_config)
-    return {"layers_before": n, "kept": sorted(set(keep)), "layers_after": len(set(keep))}
+    keep = kept_layers(keep, every, n)
+    setattr(owner, attr, nn.ModuleList([stack[i] for i in keep]))
+    _sync_config(model, keep, arch_config)
+    return {"layers_before": n, "kept": keep, "layers_after": len(keep)}
 
 
 def expand_layers(model: nn.Module, after: list[int], arch_config: dict) -> tuple[dict, list[str]]:
@@ -76,10 +85,11 @@ def expand_layers(model: nn.Module, after: list[int], arch_config: dict) -> tupl
     Returns the record and the parameter-name prefixes of the new blocks (for `train_only_new`)."""
     owner, attr, stack = find_stack(model)
     n = len(stack)
-    _check_indices(after, n, "expand_layers.after")
-    blocks, new_positions = [], []
+    check_indices(after, n, "expand_layers.after")
+    blocks, new_positions, origin = [], [], []
     for i, block in enumerate(stack):
         blocks.append(block)
+        origin.append(i)
         if i in after:
             new = copy.deepcopy(block)
             zeroed = 0
@@ -94,8 +104,9 @@ def expand_layers(model: nn.Module, after: list[int], arch_config: dict) -> tupl
                                   f"{type(block).__name__} to initialise a new block as identity.")
             new_positions.append(len(blocks))
             blocks.append(new)
+            origin.append(i)
     setattr(owner, attr, nn.ModuleList(blocks))
-    _sync_config(model, len(blocks), arch_config)
+    _sync_config(model, origin, arch_config)
     prefixes = [f"{attr}.{p}." for p in new_positions]
     return {"layers_before": n, "inserted_after": sorted(after), "new_positions": new_positions,
             "layers_after": len(blocks)}, prefixes

@@ -4,6 +4,7 @@ AND base on the same held-out rows -> save (merged, parity-checked) -> run dir w
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -76,28 +77,55 @@ def _encode(recipe: Recipe, tok, items: list) -> list[dict]:
     return encode_pairs(tok, items, n)
 
 
-def _apply_edits(recipe: Recipe, model, tok) -> list[dict]:
+LM_EDITS = ("drop_layers", "expand_layers", "expand_vocab")
+
+
+def _check_edits(recipe: Recipe, model) -> None:
+    """Refuse bad edits before anything runs (the base is evaluated before the edits are applied)."""
+    from taoke.edit.layers import check_indices, find_stack, kept_layers
+    from taoke.edit.vocab import read_tokens
+
+    depth = len(find_stack(model)[2]) if any(op != "expand_vocab" for op, _ in recipe.steps("edits")) else 0
+    for op, cfg in recipe.steps("edits"):
+        if op not in LM_EDITS:
+            raise RecipeError(f"edit '{op}' does not apply to causal LMs (use {', '.join(LM_EDITS)}).")
+        if op == "drop_layers":
+            depth = len(kept_layers(cfg.keep, cfg.every, depth))
+        elif op == "expand_layers":
+            check_indices(cfg.after, depth, "expand_layers.after")
+            depth += len(set(cfg.after))
+            if cfg.train_only_new and recipe.adapt.method in ("lora", "dora"):
+                raise RecipeError(f"edits.expand_layers.train_only_new trains the new blocks in full, which "
+                                  f"adapt.method '{recipe.adapt.method}' contradicts: set adapt.method: full, "
+                                  "or train_only_new: false.")
+        else:
+            read_tokens(cfg.tokens, cfg.file)
+
+
+def _apply_edits(recipe: Recipe, model, tok) -> tuple[list[dict], list[str]]:
+    """Apply the edits in order; returns their records and, for train_only_new, the names that alone train."""
     from taoke.edit.layers import drop_layers, expand_layers
     from taoke.edit.vocab import expand_vocab, read_tokens
 
-    records = []
+    _check_edits(recipe, model)
+    records, train_only = [], []
     for op, cfg in recipe.steps("edits"):
         before = sum(p.numel() for p in model.parameters())
         if op == "drop_layers":
             detail = drop_layers(model, cfg.keep, cfg.every, {})
         elif op == "expand_layers":
-            detail, _ = expand_layers(model, cfg.after, {})
-            if cfg.train_only_new:
-                raise RecipeError("edits.expand_layers.train_only_new is not supported for causal LMs yet; "
-                                  "set it to false and choose adapt.method.")
-        elif op == "expand_vocab":
-            detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
+            detail, prefixes = expand_layers(model, cfg.after, {})
+            train_only += prefixes if cfg.train_only_new else []
         else:
-            raise RecipeError(f"edit '{op}' does not apply to causal LMs (use drop_layers, expand_layers, "
-                              "expand_vocab).")
+            detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
         records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail, "params_before": before,
                         "params_after": sum(p.numel() for p in model.parameters())})
-    return records
+    if train_only and any(r["op"] == "expand_vocab" for r in records):
+        # new tokens need trained rows too: embeddings (and an untied head) join the new blocks
+        tables = [model.get_input_embeddings(), model.get_output_embeddings()]
+        ids = {id(p) for m in tables if m is not None for p in m.parameters()}
+        train_only += [n for n, p in model.named_parameters() if id(p) in ids]
+    return records, train_only
 
 
 def _prompts_and_refs(recipe: Recipe, held_items: list) -> tuple[list, list]:
@@ -121,12 +149,22 @@ def _scores(recipe: Recipe, model, tok, held_rows, prompts, refs, cfg) -> dict:
 
         return evaluate_dpo(model, tok, held_rows, beta=recipe.lm.beta)
     out = evaluate_lm(model, held_rows, cfg, pad)
+    out["bits_per_byte"] = _bits_per_byte(out, held_rows, tok)
     if prompts:
         gen = generate_eval(model, tok, prompts, refs, recipe.lm.gen_metric, max_new_tokens=recipe.lm.max_new_tokens,
                             samples=len(prompts))
         out[recipe.lm.gen_metric] = gen["score"]
         out["samples"] = gen["samples"]
     return out
+
+
+def _bits_per_byte(scores: dict, rows: list[dict], tok) -> float:
+    """Held-out loss per UTF-8 byte of the labelled text, in bits: unlike loss per token it stays comparable
+    when the tokenizer changes (vocabulary expansion)."""
+    from taoke.lm.data import IGNORE
+
+    n_bytes = sum(len(tok.decode([t for t in r["labels"][1:] if t != IGNORE]).encode("utf-8")) for r in rows)
+    return scores["loss"] * scores["tokens"] / math.log(2) / max(n_bytes, 1)
 
 
 def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = False, dry_run: bool = False):
@@ -152,24 +190,35 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
 
         set_chat_template(tok, recipe.lm.chat_template)
     train_items, held_items, files = _read(recipe, tok)
-    edits = _apply_edits(recipe, model, tok)
-    train_rows, held_rows = _encode(recipe, tok, train_items), _encode(recipe, tok, held_items)
     if dry_run:
-        total = sum(p.numel() for p in model.parameters())
+        from taoke.lm.train import adapt_lm
+
+        edits, train_only = _apply_edits(recipe, model, tok)
+        model, counts = adapt_lm(model, {**cfg, "train_only": train_only or None})
         Console().print(model)
-        Console().print(f"{total:,} parameters; adaptation {recipe.adapt.method}; edits {edits or 'none'}; "
-                        f"{len(train_rows)} train / {len(held_rows)} held-out examples")
+        Console().print(f"{counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable "
+                        f"({counts['trainable_params'] / counts['total_params']:.2%}); adaptation "
+                        f"{recipe.adapt.method}; edits {edits or 'none'}; {len(train_items)} train / "
+                        f"{len(held_items)} held-out examples")
         return None
+    _check_edits(recipe, model)  # a bad edit fails now, not after the base evaluation
     prompts, refs = _prompts_and_refs(recipe, held_items)
 
     run_dir = new_run_dir(recipe, out)
     recipe_yaml = recipe_to_yaml(recipe)
     write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
     with running(run_dir) as log:
-        console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; {len(train_rows)} train / "
-                      f"{len(held_rows)} held-out examples; adapt {recipe.adapt.method}")
+        console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; {len(train_items)} train / "
+                      f"{len(held_items)} held-out examples; adapt {recipe.adapt.method}")
+        # the reference is the base as published: evaluated before any edit changes it
+        held_rows = _encode(recipe, tok, held_items)
         base_scores = _scores(recipe, model, tok, held_rows, prompts, refs, cfg)
         log({"type": "base", **{k: v for k, v in base_scores.items() if k != "samples"}})
+        edits, train_only = _apply_edits(recipe, model, tok)
+        cfg["train_only"] = train_only or None
+        if any(e["op"] == "expand_vocab" for e in edits):  # the new tokens change how the held-out text splits
+            held_rows = _encode(recipe, tok, held_items)
+        train_rows = _encode(recipe, tok, train_items)
         if recipe.task == "dpo":
             from taoke.lm.dpo import train_dpo
 
@@ -198,7 +247,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
             "seq_len": recipe.lm.seq_len, "chat_template": tok.chat_template is not None})
 
         lm_curves_png(hist.steps, run_dir / "plots" / "loss.png", f"{recipe.name}: training loss")
-        metric_names = [k for k in ("loss", "perplexity", recipe.lm.gen_metric, "dpo_loss", "reward_acc",
+        metric_names = [k for k in ("loss", "perplexity", "bits_per_byte", recipe.lm.gen_metric, "dpo_loss", "reward_acc",
                                     "preference_acc") if k in derived_scores]
         strip = lambda m: {k: v for k, v in m.items() if k in metric_names}  # noqa: E731
         reference = "parent" if base.is_run else "base"
@@ -240,6 +289,9 @@ def _report(lineage, rows, metrics, reference, base_scores, derived_scores, hist
              "",
              f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
     lines += comparison_table(rows, metrics, reference)
+    if any(e["op"] == "expand_vocab" for e in lineage["edits"]):
+        lines += ["", "The vocabulary was expanded: each model's loss is per token of its own tokenizer, so "
+                      "the derived model predicts fewer, longer tokens where the new ones occur."]
     samples_b, samples_d = base_scores.get("samples") or [], derived_scores.get("samples") or []
     if samples_d:
         lines += ["", "## Sample generations (held-out prompts, greedy)", ""]

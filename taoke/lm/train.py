@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field, fields
 from typing import Callable
@@ -34,6 +35,7 @@ class LMTrainConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | str | None = None   # None: all attention + MLP projections
+    train_only: list[str] | None = None  # full/freeze: only parameters whose names contain one of these train
     # optimisation
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -65,6 +67,9 @@ class LMTrainConfig:
         cfg = cls(**d)
         if cfg.method not in ("full", "freeze", "lora", "dora"):
             raise RecipeError(f"adapt.method '{cfg.method}' is not one of full, freeze, lora, dora for a causal LM")
+        if cfg.train_only and cfg.method in ("lora", "dora"):
+            raise RecipeError(f"expand_layers.train_only_new trains the new blocks in full, which adapt.method "
+                              f"'{cfg.method}' contradicts: set adapt.method: full, or train_only_new: false.")
         if cfg.precision not in ("auto", "bf16", "fp32"):
             raise RecipeError(f"precision '{cfg.precision}': choose auto, bf16 or fp32")
         return cfg
@@ -138,6 +143,10 @@ def adapt_lm(model, cfg: LMTrainConfig | dict):
             for p in m.parameters():
                 p.requires_grad = False
         record["frozen_layers"] = n
+    if cfg.train_only:  # LLaMA-Pro: the rest of the model keeps its base weights
+        for name, p in model.named_parameters():
+            p.requires_grad = any(part in name for part in cfg.train_only)
+        record["train_only"] = list(cfg.train_only)
     return model, {**record, **_counts(model)}
 
 
@@ -313,10 +322,22 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int = 64, batch_si
     return [o.strip() for o in outs]
 
 
+class _CJKAwareTokens:
+    """Words, and each CJK character on its own: rouge_score's default tokenizer drops every non-ASCII char."""
+
+    pattern = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|\w+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.pattern.findall(text.lower())
+
+
 def _rouge_l(pred: str, ref: str) -> float:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(ref, pred)["rougeL"].fmeasure
+    ascii_only = (pred + ref).isascii()  # keep the standard (stemmed) scorer where it applies
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True) if ascii_only else \
+        rouge_scorer.RougeScorer(["rougeL"], tokenizer=_CJKAwareTokens())
+    return scorer.score(ref, pred)["rougeL"].fmeasure
 
 
 METRICS = {
