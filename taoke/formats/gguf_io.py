@@ -6,6 +6,7 @@ and the HF safetensors of the same model identical tensor for tensor.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def _fast_reader_class():
 
         @data.setter
         def data(self, value):
+            self.mapping = getattr(value, "_mmap", None)   # the mmap.mmap behind np.memmap, for madvise
             self._data = value.view(np.ndarray)
 
     return _PlainArrayReader
@@ -88,12 +90,28 @@ class GGUFWeightReader(WeightReader):
 
         t = self._by_name[name]
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self._meta[name].shape)
+        if np.may_share_memory(w, t.data):  # float32 storage comes back as a view of the mapping
+            w = w.copy()
+        self._release(t.data)
         if self.arch in PERMUTED_QK_ARCHS and (".attn_q." in name or ".attn_k." in name):
             n_head = self.config.get("num_attention_heads")
             n_kv = self.config.get("num_key_value_heads", n_head)
             if n_head:
                 w = unpermute_qk(w, n_head if ".attn_q." in name else n_kv)
         return w
+
+    def _release(self, block: np.ndarray) -> None:
+        """Unmap the pages of a tensor just read: touched pages of a mapping count in RSS until then, so a
+        multi-GB file would grow RSS with the model. The file is mapped read-only; a later read faults them back."""
+        mapping = getattr(self._reader, "mapping", None)
+        if mapping is None or not hasattr(mapping, "madvise") or block.nbytes == 0 \
+                or not np.may_share_memory(block, self._reader.data):
+            return
+        page = mmap.PAGESIZE
+        start = block.__array_interface__["data"][0] - self._reader.data.__array_interface__["data"][0]
+        first = start // page * page
+        end = min(-(-(start + block.nbytes) // page) * page, len(mapping))
+        mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def close(self) -> None:
         self._by_name.clear()

@@ -8,6 +8,7 @@ hints, then from shapes inside the layer (embedding, q/k/v/o, MLP up/gate/down, 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -88,18 +89,36 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _gguf_maps(n_blocks: int):
+@functools.lru_cache(maxsize=1)
+def _gguf_maps() -> list:
+    """Name maps for block 0 only: gguf-py lists every name of every block, so maps for a 1000-layer model
+    would take ~2 million entries (340 MB, 4 s); names are looked up with their layer number set to 0."""
     import gguf
 
-    for arch in _CANDIDATE_ARCHS:
-        a = getattr(gguf.MODEL_ARCH, arch, None)
-        if a is not None:
-            yield arch.lower(), gguf.get_tensor_name_map(a, max(n_blocks, 1))
+    return [(arch.lower(), gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), 1))
+            for arch in _CANDIDATE_ARCHS if getattr(gguf.MODEL_ARCH, arch, None) is not None]
+
+
+def _as_block0(name: str) -> str:
+    m = _LAYER_RE.search(name)
+    return name if m is None else name[:m.start(1)] + "0" + name[m.end(1):]
+
+
+_MAX_WRAPPERS = 2   # leading name parts a task wrapper may add: bert., roberta., base_model.model., ...
 
 
 def _map_name(tmap, name: str) -> tuple[str, int | None] | None:
-    """Role and layer from a gguf name map, or None."""
-    hit = tmap.get_type_and_name(name, try_suffixes=(".weight", ".bias"))
+    """Role and layer from a gguf name map, or None.
+
+    A task model saved by save_pretrained (BertForSequenceClassification: `bert.encoder.layer.0...`) prefixes
+    the base model's names with its attribute name; the maps know the bare names, so prefixes are dropped in turn.
+    """
+    parts = _as_block0(name).split(".")
+    hit = None
+    for k in range(min(_MAX_WRAPPERS, len(parts) - 1) + 1):
+        hit = tmap.get_type_and_name(".".join(parts[k:]), try_suffixes=(".weight", ".bias"))
+        if hit is not None:
+            break
     if hit is None:
         return None
     kind, _ = hit
@@ -170,10 +189,8 @@ def _family(view: CanonicalView) -> str:
 
 def canonical_view(reader: WeightReader) -> CanonicalView:
     metas = reader.tensors()
-    layer_ids = [lid for m in metas if (lid := _layer_of(m.name)) is not None]
-    n_blocks = max(layer_ids) + 1 if layer_ids else 1
     best, best_arch, best_hits = {}, None, -1
-    for arch, tmap in _gguf_maps(n_blocks):
+    for arch, tmap in _gguf_maps():
         hits = {m.name: r for m in metas if (r := _map_name(tmap, m.name)) is not None}
         if len(hits) > best_hits:
             best, best_arch, best_hits = hits, arch, len(hits)

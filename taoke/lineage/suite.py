@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,21 +73,25 @@ def _variant(root: Path, name: str, base: Path, edit) -> Path:
 
 # ---------------------------------------------------------------------------------------------- derived
 
-def renamed(root: Path, base: Path) -> Path:
-    """The 2023 case: LLaMA with ln1/ln2 norms (and, to be harder, attn/mlp renamed too) under a new arch name."""
-    repl = [("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2"), ("self_attn.q_proj", "attn.wq"),
-            ("self_attn.k_proj", "attn.wk"), ("self_attn.v_proj", "attn.wv"), ("self_attn.o_proj", "attn.wo"),
-            ("mlp.gate_proj", "ffn.w1"), ("mlp.down_proj", "ffn.w2"), ("mlp.up_proj", "ffn.w3"),
-            ("model.layers", "transformer.blocks"), ("model.embed_tokens", "transformer.wte"),
-            ("model.norm", "transformer.ln_f")]
+# The 2023 case: LLaMA with ln1/ln2 norms (and, to be harder, attn/mlp renamed too) under a new arch name.
+RENAMES = [("input_layernorm", "ln1"), ("post_attention_layernorm", "ln2"), ("self_attn.q_proj", "attn.wq"),
+           ("self_attn.k_proj", "attn.wk"), ("self_attn.v_proj", "attn.wv"), ("self_attn.o_proj", "attn.wo"),
+           ("mlp.gate_proj", "ffn.w1"), ("mlp.down_proj", "ffn.w2"), ("mlp.up_proj", "ffn.w3"),
+           ("model.layers", "transformer.blocks"), ("model.embed_tokens", "transformer.wte"),
+           ("model.norm", "transformer.ln_f")]
+RENAMED_ARCH = {"architectures": ["YiForCausalLM"], "model_type": "yi"}
 
+
+def rename(name: str) -> str:
+    for a, b in RENAMES:
+        name = name.replace(a, b)
+    return name
+
+
+def renamed(root: Path, base: Path) -> Path:
+    """LLaMA under the RENAMES names and a new architecture name."""
     def edit(sd, cfg):
-        out = {}
-        for k, v in sd.items():
-            for a, b in repl:
-                k = k.replace(a, b)
-            out[k] = v
-        return out, {**cfg, "architectures": ["YiForCausalLM"], "model_type": "yi"}
+        return {rename(k): v for k, v in sd.items()}, {**cfg, **RENAMED_ARCH}
     return _variant(root, "renamed", base, edit)
 
 
@@ -206,7 +211,7 @@ def train_lm(model, tokenizer_dir: Path, steps: int, lr: float, seed: int, batch
     ids = torch.tensor(tok("\n".join(_dialog_texts()))["input_ids"])
     n = (len(ids) - 1) // seq
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)   # fused: ~10x faster step on CPU than the loop
     model.train()
     losses = []
     for _ in range(steps):
@@ -230,12 +235,15 @@ def finetuned(root: Path, base: Path, steps: int = 200, lr: float = 1e-4, seed: 
 
     torch.manual_seed(seed)
     model = _load_model(base)
+    t0 = time.perf_counter()
     losses = train_lm(model, base, steps, lr, seed, batch=batch, seq=seq)
+    seconds = time.perf_counter() - t0
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     _, cfg = _load_hf(base)
     _save_hf(d, sd, cfg, tokenizer_from=base)
     write_json_atomic(d / "train_log.json", {"steps": steps, "lr": lr, "batch": batch, "seq": seq, "loss_first": losses[0],
-                                             "loss_last": losses[-1]})
+                                             "loss_last": losses[-1], "train_s": round(seconds, 1),
+                                             "torch_threads": torch.get_num_threads()})
     return d
 
 

@@ -1,6 +1,7 @@
 """`verify A B`: does B derive from A (or share an ancestor with it), from the weights alone?
 
-The test, in two streaming passes (one tensor of each model in memory at a time, plus the embeddings):
+The test, in two streaming passes (one tensor in memory at a time; kept per matrix: its fingerprint, m(m-1)/2
+floats, in memory, and its units x 32 sketch in a temporary file):
 
 1. Fingerprint. For every weight matrix that reads from or writes to the residual stream, take the cosine
    between residual dimensions over the other axis (a Gram matrix on a fixed subset of m residual dims).
@@ -19,6 +20,8 @@ The test, in two streaming passes (one tensor of each model in memory at a time,
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +39,46 @@ SKETCH = 32            # width of the random projection used to compare units an
 SUBSET = 128           # residual dims in the fingerprint (m); m(m-1)/2 entries per tensor
 N_NULL = 40            # random residual permutations for the null
 P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
+# Relative rounding unit of float storage types (as the readers name them): a copy of a norm gain through one of
+# these moves by at most this fraction of its value; quantised types have no such bound.
+_ROUNDING = {**dict.fromkeys(("f64", "float64", "double"), 2.0 ** -53),
+             **dict.fromkeys(("f32", "float32", "float", "fp32"), 2.0 ** -24),
+             **dict.fromkeys(("f16", "float16", "half", "fp16"), 2.0 ** -11),
+             **dict.fromkeys(("bf16", "bfloat16"), 2.0 ** -8)}
+
+
+class SpillStore:
+    """Dict-like store of arrays kept in an unlinked temporary file, read back one at a time.
+
+    Unit sketches are ~1/18 of each weight matrix (32 of 576+ columns): kept in memory, a deep model's sketches
+    would grow RSS with its depth. In a file they pass through the page cache, which the kernel can reclaim.
+    """
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile()
+        self._at: dict = {}
+
+    def __setitem__(self, key, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        self._file.seek(0, os.SEEK_END)
+        self._at[key] = (self._file.tell(), arr.shape, arr.dtype)
+        self._file.write(arr.reshape(-1).view(np.uint8))
+
+    def __getitem__(self, key) -> np.ndarray:
+        offset, shape, dtype = self._at[key]
+        out = np.empty(shape, dtype)
+        self._file.seek(offset)
+        self._file.readinto(out.reshape(-1).view(np.uint8))
+        return out
+
+    def __contains__(self, key) -> bool:
+        return key in self._at
+
+    def get(self, key, default=None):
+        return self[key] if key in self._at else default
+
+    def keys(self):
+        return self._at.keys()
 
 
 @dataclass
@@ -43,8 +86,13 @@ class Fingerprint:
     keys: list[tuple[int | None, str]]   # (layer, role); layer None for embed/head
     X: np.ndarray                        # one unit-norm, centred Gram row per key (permutation-invariant)
     storage: dict[str, int]              # storage dtype -> count of matrices
-    sketch: dict = field(default_factory=dict)   # (layer, role) -> units x k random projection of the residual axis
-    norms: dict = field(default_factory=dict)    # (layer, role) -> norm gains
+    sketch: SpillStore = field(default_factory=SpillStore)   # (layer, role) -> units x k projection of the residual axis
+    norms: SpillStore = field(default_factory=SpillStore)   # (layer, role) -> norm gains
+    norm_rounding: float | None = 0.0            # coarsest rounding unit of the norm gains' storage; None: unknown
+
+
+def _rounding(dtype: str) -> float | None:
+    return _ROUNDING.get(dtype.lower())
 
 
 def _tensor_fingerprint(w: torch.Tensor, idx: torch.Tensor, iu) -> np.ndarray | None:
@@ -73,56 +121,89 @@ def _residual_side(slot: Slot, hidden: int) -> bool | None:
     return None
 
 
+def _fingerprinted(view: CanonicalView, idx: np.ndarray) -> list[Slot]:
+    """The matrices that get a fingerprint (decided from shapes alone), sorted by (role, layer): the rows of X,
+    each role one contiguous block."""
+    out = []
+    for slot in view.slots():
+        if not (slot.role in MATRIX_ROLES or slot.role in ("embed", "head")):
+            continue
+        side = _residual_side(slot, view.hidden)
+        if side is not None and (slot.shape[1] if side else slot.shape[0]) >= idx.max() + 1:
+            out.append(slot)
+    return sorted(out, key=lambda s: (s.role, -1 if s.layer is None else s.layer))
+
+
 def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj: np.ndarray | None) -> Fingerprint:
     """One streaming pass: Gram fingerprints, unit sketches (units x k) and norm gains of every layer tensor.
 
     `proj` (hidden x k, shared by both models) projects the residual axis; None when widths differ.
+    Memory: X is allocated once up front and sketches and norms go to a file, so nothing small and long-lived
+    is interleaved on the heap with the freed tensor buffers (that kept ~0.4 MB per layer resident).
     """
     m = len(idx)
     iu = torch.triu(torch.ones(m, m, dtype=torch.bool), diagonal=1)
     tidx = torch.from_numpy(idx)
     tproj = torch.from_numpy(proj) if proj is not None else None
-    fp = Fingerprint([], np.zeros(0), {})
-    rows = []
-    for slot in view.slots():
+    planned = _fingerprinted(view, idx)
+    row = {s.name: i for i, s in enumerate(planned)}
+    fp = Fingerprint([(s.layer, s.role) for s in planned], np.empty((len(planned), m * (m - 1) // 2), np.float32),
+                     {}, norms=SpillStore())
+    kept = np.zeros(len(planned), dtype=bool)
+    for slot in view.slots():   # the view's order (globals, then layer by layer), not X's
         if slot.role in NORM_ROLES and slot.layer is not None:
             fp.norms[(slot.layer, slot.role)] = reader.get(slot.name)
+            u = _rounding(reader.meta(slot.name).dtype)
+            fp.norm_rounding = None if u is None or fp.norm_rounding is None else max(fp.norm_rounding, u)
             continue
-        if not (slot.role in MATRIX_ROLES or slot.role in ("embed", "head")):
-            continue
-        side = _residual_side(slot, view.hidden)
-        if side is None or (slot.shape[1] if side else slot.shape[0]) < idx.max() + 1:
+        if slot.name not in row:
             continue
         w = torch.from_numpy(reader.get(slot.name))
-        w = w if side else w.T                      # (units) x (residual)
+        w = w if _residual_side(slot, view.hidden) else w.T      # (units) x (residual)
         v = _tensor_fingerprint(w, tidx, iu)
         if v is None:
             continue
-        fp.keys.append((slot.layer, slot.role))
-        rows.append(v)
+        fp.X[row[slot.name]], kept[row[slot.name]] = v, True
         if tproj is not None and w.shape[1] == tproj.shape[0]:
             fp.sketch[(slot.layer, slot.role)] = (w @ tproj).numpy()
         dt = reader.meta(slot.name).dtype
         fp.storage[dt] = fp.storage.get(dt, 0) + 1
         del w
-    fp.X = np.stack(rows) if rows else np.zeros((0, m * (m - 1) // 2), np.float32)
+    if not kept.all():   # constant tensors have no fingerprint
+        fp.X = fp.X[kept]
+        fp.keys = [k for k, ok in zip(fp.keys, kept) if ok]
     return fp
 
 
-def _layer_matrix(fa: Fingerprint, fb: Fingerprint, S: np.ndarray, la: list[int], lb: list[int]) -> np.ndarray:
-    """L[a, b] = mean over roles present in both layers of the fingerprint correlation."""
-    total = np.zeros((len(la), len(lb)))
-    count = np.zeros((len(la), len(lb)))
-    pos_a = {k: i for i, k in enumerate(fa.keys)}
-    pos_b = {k: i for i, k in enumerate(fb.keys)}
-    roles = sorted({r for (l, r) in fa.keys if l is not None} & {r for (l, r) in fb.keys if l is not None})
-    for role in roles:
-        ia = np.array([pos_a.get((l, role), -1) for l in la])
-        ib = np.array([pos_b.get((l, role), -1) for l in lb])
-        mask = (ia[:, None] >= 0) & (ib[None, :] >= 0)
-        block = S[np.ix_(np.maximum(ia, 0), np.maximum(ib, 0))]
-        total += np.where(mask, block, 0.0)
-        count += mask
+def _role_blocks(fa: Fingerprint, fb: Fingerprint, la: list[int], lb: list[int]) -> list[tuple]:
+    """Per role present in layers of both: (rows of A's X, rows of B's X, their positions in la / lb)."""
+    def spans(fp: Fingerprint, pos: dict) -> dict:
+        out: dict = {}   # role -> [first row, end row, layer positions]; rows are grouped by role
+        for i, (layer, role) in enumerate(fp.keys):
+            if layer is not None:
+                span = out.setdefault(role, [i, i, []])
+                span[1] = i + 1
+                span[2].append(pos[layer])
+        return out
+    sa, sb = spans(fa, {l: i for i, l in enumerate(la)}), spans(fb, {l: i for i, l in enumerate(lb)})
+    return [(slice(*sa[r][:2]), slice(*sb[r][:2]), np.array(sa[r][2]), np.array(sb[r][2]))
+            for r in sorted(set(sa) & set(sb))]
+
+
+def _layer_matrix(fa: Fingerprint, fb: Fingerprint, blocks: list[tuple], shape: tuple[int, int],
+                  perm: np.ndarray | None = None) -> np.ndarray:
+    """L[a, b] = mean over roles present in both layers of the fingerprint correlation.
+
+    Only same-role pairs are ever compared, so one small matrix product per role replaces the full
+    (all tensors x all tensors) product. `perm`: B's fingerprint entries under a residual permutation (null).
+    """
+    total = np.zeros(shape)
+    count = np.zeros(shape)
+    for rows_a, rows_b, ia, ib in blocks:
+        xb = fb.X[rows_b] if perm is None else np.take(fb.X[rows_b], perm, axis=1)
+        block = (torch.from_numpy(fa.X[rows_a]) @ torch.from_numpy(xb).T).numpy()
+        total[np.ix_(ia, ib)] += block
+        count[np.ix_(ia, ib)] += 1
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
 
 
@@ -245,12 +326,14 @@ class LayerMatch:
     notes: list[str] = field(default_factory=list)
     norm_raw_cos: float | None = None     # raw cosine of norm gains (looks high for any two models)
     norm_centered: float | None = None    # centred correlation of norm gains (the honest one)
+    norm_changed: bool | None = None      # gains moved beyond storage rounding (None: cannot tell)
 
     def to_dict(self) -> dict:
         return {"a": f"blk.{self.a}", "b": f"blk.{self.b}", "names_a": self.names_a, "names_b": self.names_b,
                 "similarity": None if self.similarity is None else round(self.similarity, 6),
                 "fingerprint": round(self.fingerprint, 6), "tensors": self.tensors, "notes": self.notes,
-                "norm_raw_cos": self.norm_raw_cos, "norm_centered": self.norm_centered}
+                "norm_raw_cos": self.norm_raw_cos, "norm_centered": self.norm_centered,
+                "norm_changed": self.norm_changed}
 
 
 @dataclass
@@ -372,29 +455,32 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     ea = fa.keys.index((None, "embed")) if (None, "embed") in fa.keys else None
     eb = fb.keys.index((None, "embed")) if (None, "embed") in fb.keys else None
 
-    XA = torch.from_numpy(fa.X)
+    blocks = _role_blocks(fa, fb, la, lb)
 
-    def stat_for(XB):
-        S = (XA @ torch.from_numpy(np.ascontiguousarray(XB)).T).numpy()
-        L = _layer_matrix(fa, fb, S, la, lb)
-        emb = float(S[ea, eb]) if ea is not None and eb is not None else None
-        return L, emb
+    def stat_for(perm=None):
+        L = _layer_matrix(fa, fb, blocks, (len(la), len(lb)), perm)
+        if ea is None or eb is None:
+            return L, None
+        xb = fb.X[eb] if perm is None else fb.X[eb][perm]
+        return L, float(fa.X[ea] @ xb)
 
-    L, emb = stat_for(fb.X)
+    L, emb = stat_for()
     t_obs = _statistic(L, emb)
     rng = np.random.default_rng(1234)
     m = len(idx)
-    null, null_entries = [], []
+    null = []
+    entries = np.zeros(3)   # count, sum, sum of squares of null layer-pair entries (for tau)
     for _ in range(n_null):
-        Lp, ep = stat_for(fb.X[:, _perm_index(m, rng.permutation(m))])
+        Lp, ep = stat_for(_perm_index(m, rng.permutation(m)))
         null.append(_statistic(Lp, ep))
-        null_entries.append(Lp.ravel())
+        entries += (Lp.size, Lp.sum(), np.square(Lp).sum())
     null = np.array(null)
     mu, sd = float(null.mean()), float(null.std(ddof=1))
     z = (t_obs - mu) / max(sd, 1e-12)
     p = float(max(stats.norm.sf(z), P_FLOOR))
-    ne = np.concatenate(null_entries)
-    tau = float(ne.mean() + 6 * ne.std())          # a layer pair counts as matched well above the null
+    e_mean = entries[1] / entries[0]
+    e_sd = np.sqrt(max(entries[2] / entries[0] - e_mean ** 2, 0.0))
+    tau = float(e_mean + 6 * e_sd)          # a layer pair counts as matched well above the null
     pairs = align_layers(L, tau) if p < INDEPENDENT_P else []
     evidence.append(f"fingerprint statistic {t_obs:.3f} vs null {mu:.3f} ± {sd:.4f} "
                     f"({n_null} residual permutations): z = {z:.1f}, p = {p:.3g}")
@@ -440,7 +526,24 @@ def _compare_layers(ra, va, vb, fa: Fingerprint, fb: Fingerprint, layers: list[L
             gb = np.concatenate([fb.norms[(lm.b, r)] for r in norms])
             if ga.shape == gb.shape:
                 lm.norm_raw_cos, lm.norm_centered = round(_cos(ga, gb), 4), round(_pearson(ga, gb), 4)
+                lm.norm_changed = norms_changed(ga, gb, fa.norm_rounding, fb.norm_rounding)
         lm.similarity = float(np.mean(cosines)) if cosines else None
+
+
+def norms_changed(ga: np.ndarray, gb: np.ndarray, ua: float | None, ub: float | None) -> bool | None:
+    """True when norm gains differ by more than storing them in A's or B's float type could explain.
+
+    Quantisers (GGUF, ONNX int8) keep norm gains in float; training moves them. None when a storage type is
+    itself quantised or unknown.
+    """
+    if ua is None or ub is None:
+        return None
+    tol = 2 * max(ua, ub) * np.maximum(np.abs(ga), np.abs(gb)) + np.finfo(np.float32).tiny
+    return bool(np.any(np.abs(gb.astype(np.float64) - ga) > tol))
+
+
+def _quantized_types(fp: Fingerprint) -> set[str]:
+    return {k for k in fp.storage if k.upper().startswith(("Q", "I8", "U8", "IQ"))}
 
 
 def _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence) -> tuple[str, str, list[str]]:
@@ -469,6 +572,9 @@ def _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence) -> tuple[str, 
     if scaled:
         notes.append(f"rescaled tensors: {', '.join(scaled)}")
     changes += notes
+    q_a, q_b = _quantized_types(fa), _quantized_types(fb)
+    if q_a != q_b:
+        changes.append(f"quantised storage: A {', '.join(sorted(q_a)) or 'none'}, B {', '.join(sorted(q_b)) or 'none'}")
     if vocab.get("added"):
         changes.append(f"vocabulary: {vocab['added']} token rows added")
     if vocab.get("reordered"):
@@ -499,10 +605,11 @@ def _relation(layers, dropped, b_extra, dup, vocab, fa, fb, mean_sim) -> str:
         return "unknown"
     if min(cos) > 0.99999:
         return "copy"
-    q_a = {k for k in fa.storage if k.upper().startswith(("Q", "I8", "U8", "IQ"))}
-    q_b = {k for k in fb.storage if k.upper().startswith(("Q", "I8", "U8", "IQ"))}
-    if q_a != q_b and min(cos) > 0.9:
-        return "quantized"
+    if _quantized_types(fa) != _quantized_types(fb) and min(cos) > 0.9:
+        # Storage types alone cannot tell a quantised copy from a fine-tune stored (or compared) quantised:
+        # quantisers keep norm gains, training moves them. Quantised after fine-tuning -> `finetune`, the
+        # larger change; the storage difference is listed in `changes`.
+        return "finetune" if any(m.norm_changed for m in layers) else "quantized"
     per_role: dict[str, list[float]] = {}
     for m in layers:
         for r, t in m.tensors.items():
