@@ -2,9 +2,9 @@
 
 With a [seq x seq] block-diagonal mask SDPA still computes every query-key block of the row and masks
 most of them away; a row of 256 tokens holding five 50-token dialogs does 256^2 work for 5 * 50^2 that
-counts. Given the segment bounds, each example runs its own `is_causal` SDPA, which is the varlen idea of
-flash-attn (GPU-only) done with a loop over segments. Registered as a transformers attention implementation,
-so the model code is unchanged; without segments it is plain SDPA. bench/packed_attention.py times both.
+counts. Given the segment bounds, each example runs its own `is_causal` SDPA (the kernel skips the upper
+triangle), which is the varlen idea of flash-attn (GPU-only) done with a loop over segments. Registered as a
+transformers attention implementation, so the model code is unchanged; without segments it is plain SDPA.
 """
 
 from __future__ import annotations
