@@ -164,36 +164,6 @@ def test_packed_and_unpacked_training_agree(tok):
     assert abs(_loss_and_grads(model, leaky)[0] - l_pad) > 1e-3
 
 
-
-def test_packed_attention_per_example_equals_the_block_mask(tok):
-    from taoke.lm.varlen import NAME, _varlen_attention, segments_from_positions, varlen_attention
-
-    model = tiny_llama()
-    rows = encode_conversations(tok, read_conversations(ROOT_DATA)[::40], 256)
-    pb = packed_batch(pack_rows(rows, 256, tok.pad_token_id))
-    segments = segments_from_positions(pb["position_ids"])
-    assert max(len(s) for s in segments) > 1 and segments[0][0][0] == 0
-    l_mask, g_mask = _loss_and_grads(model, pb)
-    with varlen_attention(model) as on:
-        assert on and model.config._attn_implementation == NAME
-        l_seg, g_seg = _loss_and_grads(model, pb)
-    assert model.config._attn_implementation == "sdpa"
-    assert l_seg == pytest.approx(l_mask, rel=1e-5)
-    for k in g_mask:
-        assert torch.allclose(g_mask[k], g_seg[k], rtol=1e-3, atol=1e-6), k
-    # the kernel itself against SDPA with the dense block-diagonal causal mask, GQA included
-    q, k, v = torch.randn(2, 4, 10, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
-    spans = [[(0, 3), (3, 10)], [(0, 10)]]
-    same = torch.zeros(2, 10, 10, dtype=torch.bool)
-    for r, row in enumerate(spans):
-        for s, e in row:
-            same[r, s:e, s:e] = True
-    mask = (same & torch.ones(10, 10, dtype=torch.bool).tril())[:, None]
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
-    module = torch.nn.Module().eval()
-    out, _ = _varlen_attention(module, q, k, v, None, scaling=8 ** -0.5, taoke_segments=spans)
-    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
-
 # ---------------------------------------------------------------------------------------------- merge + parity
 
 def _adapted(method):

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from taoke.lm import varlen
 from taoke.lm.data import IGNORE
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (32M floats = 128 MB): big enough for fast matmuls
@@ -127,9 +126,6 @@ def lm_loss_sum(model, batch: dict, chunk: int | None = None) -> tuple[torch.Ten
     """(sum of token CE over labelled positions, number of those positions) for one batch."""
     body, head = body_and_head(model)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "position_ids" in inputs and "attention_mask" not in inputs \
-            and getattr(unwrap(model).config, "_attn_implementation", None) == varlen.NAME:
-        inputs[varlen.SEGMENTS_KEY] = varlen.segments_from_positions(inputs["position_ids"])  # packed rows
     hidden = body(**inputs, use_cache=False).last_hidden_state
     h, y, _ = shifted_targets(hidden, batch["labels"])
     if _plain_head(model, head):

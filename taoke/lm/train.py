@@ -22,7 +22,6 @@ from taoke.lm.data import IGNORE
 from taoke.lm.frozen import FrozenInLowPrecision
 from taoke.lm.loss import lm_loss_sum, unwrap
 from taoke.lm.pack import batches, pack_rows, packed_batch, padded_batch
-from taoke.lm.varlen import varlen_attention
 from taoke.train.precision import autocast, autocast_dtype
 from taoke.utils import keep_freed_memory, release_freed_memory
 
@@ -234,7 +233,7 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
     start = time.perf_counter()
     eval_seconds = 0.0  # periodic evaluations are left out of tokens/s
     # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying)
-    with FrozenInLowPrecision(model, dtype if cfg.method != "dora" else None), varlen_attention(unwrap(model)):
+    with FrozenInLowPrecision(model, dtype if cfg.method != "dora" else None):
         with progress:
             task = progress.add_task("train", total=total_steps, info="")
             for step in range(1, total_steps + 1):
@@ -285,12 +284,11 @@ def evaluate_lm(model, rows: list[dict], cfg: LMTrainConfig | dict | None = None
     device = model_device(model)
     dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
     total, n = 0.0, 0
-    with varlen_attention(unwrap(model)):
-        for b in make_batches(rows, cfg, pad_id, seed=None):
-            with autocast(device, dtype):
-                loss_sum, k = lm_loss_sum(model, _to(b, device), cfg.chunk_tokens)
-            total += float(loss_sum)
-            n += k
+    for b in make_batches(rows, cfg, pad_id, seed=None):
+        with autocast(device, dtype):
+            loss_sum, k = lm_loss_sum(model, _to(b, device), cfg.chunk_tokens)
+        total += float(loss_sum)
+        n += k
     if was_training:
         model.train()
     loss = total / max(n, 1)
