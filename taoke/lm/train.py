@@ -23,7 +23,7 @@ from taoke.lm.frozen import FrozenInLowPrecision
 from taoke.lm.loss import lm_loss_sum, unwrap
 from taoke.lm.pack import batches, pack_rows, packed_batch, padded_batch
 from taoke.train.precision import autocast, autocast_dtype
-from taoke.utils import keep_freed_memory, release_freed_memory
+from taoke.utils import release_freed_memory
 
 
 @dataclass
@@ -201,8 +201,6 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
         torch.set_num_threads(cfg.threads)
     model, record = adapt_lm(model, cfg)
     device = model_device(model)
-    if device.type == "cpu":
-        keep_freed_memory()
     dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
