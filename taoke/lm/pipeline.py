@@ -247,8 +247,8 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
             "seq_len": recipe.lm.seq_len, "chat_template": tok.chat_template is not None})
 
         lm_curves_png(hist.steps, run_dir / "plots" / "loss.png", f"{recipe.name}: training loss")
-        metric_names = [k for k in ("loss", "perplexity", "bits_per_byte", recipe.lm.gen_metric, "dpo_loss", "reward_acc",
-                                    "preference_acc") if k in derived_scores]
+        metric_names = [k for k in ("loss", "perplexity", "bits_per_byte", recipe.lm.gen_metric, "dpo_loss",
+                                    "reward_acc", "preference_acc") if k in derived_scores]
         strip = lambda m: {k: v for k, v in m.items() if k in metric_names}  # noqa: E731
         reference = "parent" if base.is_run else "base"
         rows = [(reference, strip(base_scores)), ("derived", strip(derived_scores))]

@@ -230,7 +230,8 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
                         TimeElapsedColumn(), disable=not cfg.progress, transient=False)
     start = time.perf_counter()
     eval_seconds = 0.0  # periodic evaluations are left out of tokens/s
-    # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying)
+    # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying);
+    # not for DoRA, whose magnitude term reads the base weight's fp32 column norms
     with FrozenInLowPrecision(model, dtype if cfg.method != "dora" else None):
         with progress:
             task = progress.add_task("train", total=total_steps, info="")
