@@ -56,6 +56,20 @@ def pick_device(preference: str = "auto"):
     return torch.device("cpu")
 
 
+def _glibc():
+    """glibc through ctypes, or None off Linux or where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc malloc to keep freed blocks for reuse instead of returning them to the OS.
 
@@ -64,31 +78,22 @@ def keep_freed_memory() -> bool:
     (~13 ms of a 100 ms MiniLM step here). PyTorch's CPU tuning guide swaps in jemalloc/tcmalloc for
     this; mallopt gets the same reuse in-process with nothing to install. No-op off glibc.
     """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
-    except (OSError, AttributeError):
+        return libc is not None and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 40))
+    except AttributeError:
         return False
 
 
 def release_freed_memory() -> None:
-    """Return the free heap that keep_freed_memory held back to the OS (glibc malloc_trim); no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    """Return free heap pages to the OS (glibc malloc_trim), e.g. after training's activations are gone."""
+    libc = _glibc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:
+        pass
 
 
 def cpu_has_bf16() -> bool:

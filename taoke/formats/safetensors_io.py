@@ -17,6 +17,7 @@ import numpy as np
 
 from taoke.errors import ModelError
 from taoke.formats.base import TensorMeta, WeightReader
+from taoke.utils import atomic_path
 
 _NOT_WEIGHTS = {"I64", "I32", "I16", "BOOL", "U64", "U32", "U16"}
 _MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header (safetensors rejects larger ones)
@@ -112,7 +113,8 @@ _DTYPE_NAME = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtyp
                np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8"}
 
 
-def save_streaming(path: Path, specs: list[tuple[str, tuple, np.dtype]], produce, metadata: dict | None = None) -> None:
+def save_streaming(path: Path, specs: list[tuple[str, tuple, np.dtype]], produce,
+                   metadata: dict | None = None) -> None:
     """Write a safetensors file tensor by tensor: only one tensor is ever in memory.
 
     specs: (name, shape, numpy dtype) in file order; produce(name) returns that tensor. The header is written
@@ -126,7 +128,7 @@ def save_streaming(path: Path, specs: list[tuple[str, tuple, np.dtype]], produce
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a failed write leaves no half-written file
         fh.write(struct.pack("<Q", len(raw)) + raw)
         for name, shape, dtype in specs:
             t = np.ascontiguousarray(produce(name), dtype=dtype)

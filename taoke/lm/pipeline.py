@@ -103,11 +103,11 @@ def _check_edits(recipe: Recipe, model) -> None:
 
 
 def _apply_edits(recipe: Recipe, model, tok) -> tuple[list[dict], list[str]]:
-    """Apply the edits in order; returns their records and, for train_only_new, the names that alone train."""
+    """Apply the edits (already checked by _check_edits) in order; returns their records and, for
+    train_only_new, the names that alone train."""
     from taoke.edit.layers import drop_layers, expand_layers
     from taoke.edit.vocab import expand_vocab, read_tokens
 
-    _check_edits(recipe, model)
     records, train_only = [], []
     for op, cfg in recipe.steps("edits"):
         before = sum(p.numel() for p in model.parameters())
@@ -190,6 +190,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
 
         set_chat_template(tok, recipe.lm.chat_template)
     train_items, held_items, files = _read(recipe, tok)
+    _check_edits(recipe, model)  # a bad edit fails now, not after the base evaluation
     if dry_run:
         from taoke.lm.train import adapt_lm
 
@@ -201,7 +202,6 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
                         f"{recipe.adapt.method}; edits {edits or 'none'}; {len(train_items)} train / "
                         f"{len(held_items)} held-out examples")
         return None
-    _check_edits(recipe, model)  # a bad edit fails now, not after the base evaluation
     prompts, refs = _prompts_and_refs(recipe, held_items)
 
     run_dir = new_run_dir(recipe, out)
