@@ -5,7 +5,11 @@ config, sequence length, batch size (rows per step), steps, lr and schedule. Eac
 subprocess so peak RSS does not mix. Held-out loss is computed by one function (taoke.lm.train.evaluate_lm,
 exact per-token mean) for every peer. Prints a markdown table and appends it to bench/RESULTS.md.
 
-    .venv/bin/python bench/sft_vs_hf.py --steps 20 --batch 2 --seq-len 256 --threads 2
+    .venv/bin/python bench/sft_vs_hf.py --steps 40 --threads 2 --peers taoke,hf --repeat 3
+    .venv/bin/python bench/sft_vs_hf.py --steps 40 --threads 2 --peers taoke,hf --repeat 3 --compile true --cold-cache
+
+The machine's speed drifts (shared cores), so --repeat interleaves the peers and the table reports medians,
+the per-run ratios and every run. "steady" tokens/s leave out the first steps (warm-up, compiling).
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import json
 import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +34,7 @@ DATA = ROOT / "data" / "chatterbot" / "dialogs.jsonl"
 # lora_dropout 0: the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml
 LORA = dict(r=16, alpha=32, dropout=0.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SKIP_STEPS = 5  # steady-state tokens/s starts after this many optimizer steps, for every peer
 
 
 def rows_and_heldout(tok, seq_len):
@@ -56,37 +64,69 @@ def worker(peer: str, args) -> dict:
     train, held = rows_and_heldout(tok, args.seq_len)
     cfg = dict(method="lora", target_modules=TARGETS, **LORA, lr=args.lr, max_steps=args.steps,
                batch_size=args.batch, seq_len=args.seq_len, warmup_ratio=0.1, scheduler="cosine",
-               max_grad_norm=1.0, seed=0, progress=False, threads=args.threads)
-    eval_cfg = LMTrainConfig.from_dict({**cfg, "batch_size": 4})
+               max_grad_norm=1.0, seed=0, progress=False, threads=args.threads, compile=args.compile)
+    eval_cfg = LMTrainConfig.from_dict({**cfg, "batch_size": 4, "compile": False})
+    marks = []  # (seconds since training started, tokens so far) at the end of each optimizer step
+    compiled = False
     if peer == "taoke":
         from taoke.lm.train import train_lm
 
-        hist = train_lm(model, tok, train, None, cfg)
-        tokens, seconds, examples, model = hist.tokens, hist.seconds, None, hist.model
+        t0 = time.perf_counter()
+        hist = train_lm(model, tok, train, None, cfg,
+                        on_step=lambda row: marks.append((time.perf_counter() - t0, row["tokens"])))
+        tokens, seconds, examples, model, compiled = hist.tokens, hist.seconds, None, hist.model, hist.compiled
     else:
-        tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args)
+        tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args, marks)
     train_rss = peak_rss_mb()  # the peak up to the end of training, before the shared evaluation
     held_loss = evaluate_lm(model, held, eval_cfg, tok.pad_token_id)["loss"]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss, "examples": examples, "params": n_params}
+            "steady_tokens_per_s": steady_rate(marks), "compiled": compiled,
+            "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss,
+            "examples": examples, "params": n_params}
+
+
+def steady_rate(marks: list[tuple[float, int]], skip: int = SKIP_STEPS) -> float:
+    """Tokens/s from the end of step `skip` to the last step: one-time costs (warm-up, compiling) left out."""
+    if len(marks) <= skip + 1:
+        return float("nan")
+    (t_a, n_a), (t_b, n_b) = marks[skip - 1], marks[-1]
+    return (n_b - n_a) / (t_b - t_a)
 
 
 class _TokenCounter:
-    """Counts non-padding tokens fed to the model (attention_mask sum) without touching the training math."""
+    """Counts non-padding tokens fed to the model (attention_mask sum) without touching the training math.
+
+    Batches are counted in the order they are collated, so the tokens of the first k steps are known even
+    though accelerate's dataloader collates one batch ahead."""
 
     def __init__(self):
-        self.tokens = 0
+        self.per_batch: list[int] = []
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.per_batch)
 
     def __call__(self, collate):
         def wrapped(features):
             batch = collate(features)
-            self.tokens += int(batch["attention_mask"].sum())
+            self.per_batch.append(int(batch["attention_mask"].sum()))
             return batch
         return wrapped
 
 
-def _hf_train(peer, model, tok, train, args):
+def _step_marks(counter: "_TokenCounter", marks: list, t0: list[float]):
+    """A TrainerCallback appending (seconds, tokens of the steps so far) at each optimizer step's end."""
+    from transformers import TrainerCallback
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter() - t0[0], sum(counter.per_batch[:state.global_step])))
+
+    return Marks()
+
+
+def _hf_train(peer, model, tok, train, args, marks):
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -116,15 +156,17 @@ def _hf_train(peer, model, tok, train, args):
                              train_dataset=ds, processing_class=tok, peft_config=lora)
         trainer.data_collator = counter(trainer.data_collator)
         model = trainer.model
-    t0 = time.perf_counter()
-    out = trainer.train()
-    seconds = time.perf_counter() - t0
-    return counter.tokens, seconds, args.steps * args.batch, trainer.model
+    t0 = [0.0]
+    trainer.add_callback(_step_marks(counter, marks, t0))
+    t0[0] = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0[0]
+    return sum(counter.per_batch[:args.steps]), seconds, args.steps * args.batch, trainer.model
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def matmul_peak(threads: int, dtype_name: str, n: int = 1024, reps: int = 5) -> float:
+def matmul_peak(threads: int, dtype_name: str, n: int = 1024, reps: int = 20) -> float:
     """Best-of-reps FLOP/s of an n^3 matmul in the given dtype on this machine, same thread count."""
     import torch
 
@@ -144,8 +186,13 @@ def run_peer(peer, args) -> dict:
     out = Path(f"/tmp/taoke-bench-{peer}-{os.getpid()}.json")
     cmd = [sys.executable, __file__, "--worker", peer, "--out", str(out), "--steps", str(args.steps),
            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-           "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           "--threads", str(args.threads), "--compile", args.compile]
+    env, cache = dict(os.environ), None
+    if args.cold_cache:  # inductor's on-disk cache starts empty: the compile is paid in full in this run
+        cache = env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="taoke-bench-inductor-")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"peer": peer, "error": " | ".join(tail)[-300:]}
@@ -162,6 +209,11 @@ def main():
                                                            "machine is shared; set to the core count otherwise)")
     ap.add_argument("--peers", default="taoke,hf,hf-bf16,trl",
                     help="hf: HF Trainer+PEFT defaults (fp32); hf-bf16: the same with bf16=True")
+    ap.add_argument("--compile", default="false", choices=["auto", "true", "false"],
+                    help="taoke's train.compile (torch.compile of the decoder layers)")
+    ap.add_argument("--cold-cache", action="store_true", help="give every run an empty torch.compile cache")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the peers this many times, interleaved, and report medians (the machine drifts)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--worker")
     ap.add_argument("--out")
@@ -177,35 +229,58 @@ def main():
     import peft
 
     peers = [p for p in args.peers.split(",") if p != "trl" or importlib.util.find_spec("trl")]
-    results = [run_peer(p, args) for p in peers]
-    peak_bf16 = matmul_peak(args.threads, "bfloat16")
-    peak_fp32 = matmul_peak(args.threads, "float32")
-    by = {r["peer"]: r for r in results}
-    hf = by.get("hf", {})
+    # the peak is taken before and after the runs and the higher kept: one slow spell must not inflate MFU
+    peaks = [(matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32"))]
+    runs = {p: [] for p in peers}
+    for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every peer alike
+        for p in peers:
+            runs[p].append(run_peer(p, args))
+    peaks.append((matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32")))
+    peak_bf16, peak_fp32 = max(p[0] for p in peaks), max(p[1] for p in peaks)
     from taoke.utils import cpu_has_bf16
 
-    lines = ["| peer | non-pad tokens/s | vs HF | MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB training | "
-             "peak RSS MB incl. eval | held-out loss | tokens seen |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['peer']} | failed: {r['error']} | | | | | | | |")
+    def med(rs, key):
+        return statistics.median(r[key] for r in rs)
+
+    ok = {p: [r for r in rs if "error" not in r] for p, rs in runs.items()}
+    hf = ok.get("hf") or []
+    lines = ["| peer | non-pad tokens/s | vs HF | steady tokens/s | steady vs HF | per-run steady vs HF | "
+             "MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB training | peak RSS MB incl. eval | held-out loss | "
+             "tokens seen |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in peers:
+        rs = ok[p]
+        if not rs:
+            lines.append(f"| {p} | failed: {runs[p][0]['error']} |" + " |" * 11)
             continue
-        flops = 6 * r["params"] * r["tokens_per_s"]  # PaLM-style 6N per token (LoRA's frozen weights skip ~1/3)
-        ratio = r["tokens_per_s"] / hf["tokens_per_s"] if hf.get("tokens_per_s") else float("nan")
-        lines.append(f"| {r['peer']} | {r['tokens_per_s']:.1f} | {ratio:.2f}x | {flops / peak_bf16:.1%} | "
-                     f"{flops / peak_fp32:.1%} | {r['train_peak_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['held_out_loss']:.4f} | {r['tokens']} |")
+        rate, steady = med(rs, "tokens_per_s"), med(rs, "steady_tokens_per_s")
+        ratio = rate / med(hf, "tokens_per_s") if hf else float("nan")
+        steady_ratio = steady / med(hf, "steady_tokens_per_s") if hf else float("nan")
+        per_run = [a["steady_tokens_per_s"] / b["steady_tokens_per_s"] for a, b in zip(runs[p], runs.get("hf", []))
+                   if "error" not in a and "error" not in b]
+        spread = f"{min(per_run):.2f}-{max(per_run):.2f}x" if per_run else ""
+        flops = 6 * rs[0]["params"] * steady  # PaLM-style 6N per token (LoRA's frozen weights skip ~1/3)
+        name = p + (" (compiled)" if rs[0].get("compiled") else "")
+        lines.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {steady:.1f} | {steady_ratio:.2f}x | {spread} | "
+                     f"{flops / peak_bf16:.1%} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
+                     f"{max(r['peak_rss_mb'] for r in rs):.0f} | {med(rs, 'held_out_loss'):.4f} | {rs[0]['tokens']} |")
+    lines.append("")
+    for p in peers:  # every run, so the spread behind the medians is on record
+        lines.append(f"- {p} per run (tokens/s, steady tokens/s): " + ", ".join(
+            f"{r['tokens_per_s']:.1f} / {r['steady_tokens_per_s']:.1f}" if "error" not in r else "failed"
+            for r in runs[p]))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     head = (f"\n## sft_vs_hf — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
             f"LoRA SFT smollm2-135m (r={LORA['r']}, all linear projections), chatterbot dialogs, "
-            f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, threads={args.threads}. "
+            f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, threads={args.threads}, "
+            f"taoke compile={args.compile}{' (cold cache)' if args.cold_cache else ''}, {args.repeat} interleaved run(s) per peer (medians; RSS: the largest). "
             f"Machine: {os.cpu_count()} cores, {cpu}, native bf16: {cpu_has_bf16()}; "
             f"matmul peak bf16 {peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. "
             f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
             + (f", trl {__import__('trl').__version__}" if "trl" in peers else "") + ".\n"
             "taoke packs rows of seq_len tokens; HF/TRL pad each batch of examples to its longest, so at equal "
-            "steps and batch taoke sees more tokens. Held-out loss: same evaluator for all.\n\n")
+            "steps and batch taoke sees more tokens. Held-out loss: same evaluator for all. tokens/s: whole "
+            f"training call; steady: from the end of step {SKIP_STEPS} on (warm-up and compiling left out).\n\n")
     text = head + "\n".join(lines) + "\n"
     print(text)
     if args.no_record:

@@ -187,6 +187,8 @@ class LMConfig(Strict):
     gen_prompts: int = Field(8, ge=0)       # held-out prompts generated from for the report
     max_new_tokens: int = Field(48, gt=0)
     threads: int | None = Field(None, gt=0)
+    compile: bool | Literal["auto"] = "auto"  # causal-lm/sft: torch.compile the decoder layers; auto: packed
+                                              # runs of >= 300 steps (DPO runs eagerly)
 
 
 class Recipe(Strict):

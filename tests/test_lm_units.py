@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from taoke.errors import DataError
 from taoke.lm.data import (IGNORE, encode_chat, encode_conversations, encode_documents, read_conversations,
                            read_dpo_pairs, read_text_documents)
-from taoke.lm.loss import lm_loss_sum, linear_cross_entropy_sum, reference_loss_sum
+from taoke.lm.loss import lm_loss_sum, linear_cross_entropy_sum, reference_loss_sum, unwrap
 from taoke.lm.pack import pack_rows, packed_batch, padded_batch
 from tests.lm_helpers import smollm_tokenizer, tiny_llama
 
@@ -290,12 +290,14 @@ def test_frozen_weights_held_in_bf16_then_restored_exactly(tok):
         assert names and all(params[n].dtype == torch.bfloat16 for n in names)
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)  # LoRA stays fp32
         assert params["base_model.model.model.embed_tokens.weight"].dtype == torch.float32  # tied to the head
+        assert unwrap(model).get_output_embeddings().weight.dtype == torch.bfloat16  # the head's own copy
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, _ = lm_loss_sum(model, batch)
     assert torch.equal(plain, low)  # autocast casts to bf16 anyway: same numbers
     after = dict(model.named_parameters())
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], w) for n, w in frozen.items())
     assert held.file is None
+    assert unwrap(model).get_output_embeddings().weight is unwrap(model).get_input_embeddings().weight  # re-tied
 
 
 def test_rouge_l_scores_cjk_text_and_bits_per_byte_ignore_tokenization(tok):
@@ -309,3 +311,37 @@ def test_rouge_l_scores_cjk_text_and_bits_per_byte_ignore_tokenization(tok):
     n_bytes = len("你好<|im_end|>\n".encode())
     scores = {"loss": 2.0, "tokens": n_labels}
     assert _bits_per_byte(scores, rows, tok) == pytest.approx(2.0 * n_labels / math.log(2) / n_bytes)
+
+
+def test_fast_lora_forward_matches_peft_and_is_put_back(tok):
+    from taoke.lm.fast_lora import FastLoraForward
+    from taoke.lm.train import adapt_lm
+
+    model = _adapted("lora")
+    batch = packed_batch(pack_rows(encode_conversations(tok, read_conversations(ROOT_DATA)[:4], 128), 256, 0))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = lm_loss_sum(model, batch)
+        (loss / n).backward()
+        return float(loss.detach() / n), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    peft_loss, peft_grads = loss_and_grads()
+    with FastLoraForward(model) as fast:
+        assert len(fast.swapped) == 7 * len(unwrap(model).model.layers)
+        fast_loss, fast_grads = loss_and_grads()
+        with torch.no_grad():  # outside autocast it is PEFT's own forward
+            assert torch.equal(fast.swapped[0](torch.ones(2, 64)),
+                               type(fast.swapped[0]).forward(fast.swapped[0], torch.ones(2, 64)))
+    assert all("forward" not in vars(m) for m in model.modules())  # PEFT's forward again
+    # the same bf16 operands, rounded once instead of three times: equal up to bf16 rounding
+    assert fast_loss == pytest.approx(peft_loss, rel=2e-3)
+    for k, g in peft_grads.items():
+        cos = F.cosine_similarity(g.flatten(), fast_grads[k].flatten(), dim=0)
+        assert cos > 0.99, (k, float(cos))
+    dropped, _ = adapt_lm(tiny_llama(), {"method": "lora", "r": 4, "dropout": 0.1})
+    dora, _ = adapt_lm(tiny_llama(), {"method": "dora", "r": 4, "dropout": 0.0})
+    for other in (dropped, dora):  # layers the fused forward does not compute exactly keep PEFT's
+        with FastLoraForward(other) as fast:
+            assert fast.swapped == []

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from taoke.errors import RecipeError
 from taoke.lm.data import encode_dpo
+from taoke.lm.fast_lora import FastLoraForward
 from taoke.lm.loss import body_and_head, shifted_targets, token_logprobs
 from taoke.lm.pack import padded_batch
 from taoke.lm.train import LMHistory, LMTrainConfig, adapt_lm, model_device
@@ -89,28 +90,29 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] 
     hist = LMHistory(adaptation={**record, "beta": beta})
     model.train()
     start, gi = time.perf_counter(), 0
-    for step in range(1, total_steps + 1):
-        losses, accs, margins = [], [], []
-        for _ in range(cfg.grad_accum):
-            k = gi % len(groups)
-            gi += 1
-            batch = _pair_batch(groups[k], pad_id, device)
-            half = len(groups[k])
-            ref = ref_cache[k] if ref_cache is not None else _reference(model, batch)
-            with autocast(device, dtype):
-                pol = sequence_logprobs(model, batch)
-            loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], beta)
-            (loss / cfg.grad_accum).backward()
-            losses.append(float(loss)); accs.append(acc); margins.append(margin)
-            hist.tokens += int(batch["attention_mask"].sum())
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-        row = {"step": step, "loss": sum(losses) / len(losses), "reward_acc": sum(accs) / len(accs),
-               "margin": sum(margins) / len(margins), "lr": sched.get_last_lr()[0]}
-        hist.steps.append(row)
-        if on_step:
-            on_step(row)
+    with FastLoraForward(model):  # the reference pass (adapters disabled, no autocast) keeps PEFT's forward
+        for step in range(1, total_steps + 1):
+            losses, accs, margins = [], [], []
+            for _ in range(cfg.grad_accum):
+                k = gi % len(groups)
+                gi += 1
+                batch = _pair_batch(groups[k], pad_id, device)
+                half = len(groups[k])
+                ref = ref_cache[k] if ref_cache is not None else _reference(model, batch)
+                with autocast(device, dtype):
+                    pol = sequence_logprobs(model, batch)
+                loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], beta)
+                (loss / cfg.grad_accum).backward()
+                losses.append(float(loss)); accs.append(acc); margins.append(margin)
+                hist.tokens += int(batch["attention_mask"].sum())
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            row = {"step": step, "loss": sum(losses) / len(losses), "reward_acc": sum(accs) / len(accs),
+                   "margin": sum(margins) / len(margins), "lr": sched.get_last_lr()[0]}
+            hist.steps.append(row)
+            if on_step:
+                on_step(row)
     hist.seconds = time.perf_counter() - start
     if eval_pairs:
         hist.evals.append({"step": total_steps, **evaluate_dpo(model, tokenizer, eval_pairs, beta)})

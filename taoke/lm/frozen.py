@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 
-def _frozen_linears(model: nn.Module) -> dict[str, nn.Linear]:
+def _frozen_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], list[nn.Linear]]:
+    """(frozen fp32 Linears, frozen fp32 Linears whose weight is tied to an embedding)."""
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32
-            and id(m.weight) not in embedding_weights}  # a tied head is also the fp32 embedding lookup
+    frozen = {name: m for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32}
+    tied = [m for m in frozen.values() if id(m.weight) in embedding_weights]
+    return {n: m for n, m in frozen.items() if id(m.weight) not in embedding_weights}, tied
 
 
 class FrozenInLowPrecision:
@@ -33,11 +35,17 @@ class FrozenInLowPrecision:
         self.model, self.dtype = model, dtype
         self.file: Path | None = None
         self.modules: dict[str, nn.Linear] = {}
+        self.tied: dict[nn.Linear, nn.Parameter] = {}  # head -> the embedding's (shared) fp32 weight
 
     def __enter__(self) -> "FrozenInLowPrecision":
         if self.dtype is None:
             return self
-        self.modules = _frozen_linears(self.model)
+        self.modules, tied = _frozen_linears(self.model)
+        # a tied head is also the fp32 embedding lookup: the head gets its own low-precision copy for the
+        # duration (the lm_head cast is otherwise redone on every step) and the shared weight is re-tied after
+        for head in tied:
+            self.tied[head] = head.weight
+            head.weight = nn.Parameter(head.weight.detach().to(self.dtype), requires_grad=False)
         if not self.modules:
             return self
         fd, path = tempfile.mkstemp(prefix="taoke-frozen-", suffix=".pt")
@@ -55,6 +63,9 @@ class FrozenInLowPrecision:
         return self
 
     def __exit__(self, *exc) -> None:
+        for head, shared in self.tied.items():
+            head.weight = shared
+        self.tied = {}
         if self.file is None:
             return
         try:

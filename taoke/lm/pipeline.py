@@ -28,7 +28,7 @@ def _lm_train_config(recipe: Recipe) -> dict:
                 scheduler=t.scheduler, warmup_ratio=t.warmup_ratio,
                 max_steps=t.max_steps, epochs=t.epochs, batch_size=t.batch_size, grad_accum=t.grad_accum,
                 max_grad_norm=t.max_grad_norm or 0.0, seq_len=lm.seq_len, packing=lm.packing,
-                precision=t.precision, seed=t.seed, threads=lm.threads, progress=True)
+                precision=t.precision, seed=t.seed, threads=lm.threads, compile=lm.compile, progress=True)
 
 
 def _split(items: list, test: float, seed: int) -> tuple[list, list]:

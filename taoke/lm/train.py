@@ -19,6 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from taoke.errors import RecipeError
 from taoke.lm.data import IGNORE
+from taoke.lm.compiled import CompiledDecoder, want_compile
+from taoke.lm.fast_lora import FastLoraForward
 from taoke.lm.frozen import FrozenInLowPrecision
 from taoke.lm.loss import lm_loss_sum, unwrap
 from taoke.lm.pack import batches, pack_rows, packed_batch, padded_batch
@@ -52,6 +54,7 @@ class LMTrainConfig:
     chunk_tokens: int | None = None      # tokens per lm_head/CE chunk; None: ~32M logits per chunk
     seed: int = 0
     threads: int | None = None           # CPU threads for torch (None: torch's default; 1 wins on a busy machine)
+    compile: bool | str = "auto"         # torch.compile the decoder layers: true | false | auto (long packed runs)
     eval_every: int | None = None        # steps between held-out evaluations (None: only at the end)
     progress: bool = True
 
@@ -83,13 +86,14 @@ class LMHistory:
     tokens: int = 0                                   # non-padding tokens seen
     seconds: float = 0.0
     adaptation: dict = field(default_factory=dict)
+    compiled: bool = False                            # whether the decoder layers ran under torch.compile
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("steps", "evals", "tokens", "seconds", "adaptation")}
+        d = {k: getattr(self, k) for k in ("steps", "evals", "tokens", "seconds", "adaptation", "compiled")}
         d["tokens_per_s"] = self.tokens_per_s
         return d
 
@@ -204,8 +208,10 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
     dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    per_epoch = math.ceil(len(make_batches(train_rows, cfg, pad_id, seed=None)) / cfg.grad_accum)
+    unshuffled = make_batches(train_rows, cfg, pad_id, seed=None)
+    per_epoch = math.ceil(len(unshuffled) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
+    compile_layers = want_compile(cfg.compile, device, total_steps, cfg.packing)
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -230,9 +236,22 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
                         TimeElapsedColumn(), disable=not cfg.progress, transient=False)
     start = time.perf_counter()
     eval_seconds = 0.0  # periodic evaluations are left out of tokens/s
+
+    def probe():  # one forward and backward that compiles the layers (and shows a failure before training)
+        try:
+            with autocast(device, dtype):
+                loss_sum, _ = lm_loss_sum(model, _to(unshuffled[0], device), cfg.chunk_tokens)
+            loss_sum.backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+
     # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying);
-    # not for DoRA, whose magnitude term reads the base weight's fp32 column norms
-    with FrozenInLowPrecision(model, dtype if cfg.method != "dora" else None):
+    # not for DoRA, whose magnitude term reads the base weight's fp32 column norms. Compiled layers get
+    # PEFT's own LoRA forward: inductor fuses its casts and sums itself.
+    with FrozenInLowPrecision(model, dtype if cfg.method != "dora" else None), \
+            CompiledDecoder(decoder_layers(model), compile_layers, probe) as compiled, \
+            FastLoraForward(model, enabled=not compiled.active):
+        hist.compiled = compiled.active
         with progress:
             task = progress.add_task("train", total=total_steps, info="")
             for step in range(1, total_steps + 1):
@@ -262,11 +281,13 @@ def train_lm(model, tokenizer, train_rows: list[dict], eval_rows: list[dict] | N
                     on_step(row)
                 if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     t0 = time.perf_counter()
-                    hist.evals.append({"step": step, **evaluate_lm(model, eval_rows, cfg, pad_id)})
+                    with compiled.eager():
+                        hist.evals.append({"step": step, **evaluate_lm(model, eval_rows, cfg, pad_id)})
                     eval_seconds += time.perf_counter() - t0
         hist.seconds = time.perf_counter() - start - eval_seconds
         if eval_rows:
-            hist.evals.append({"step": total_steps, **evaluate_lm(model, eval_rows, cfg, pad_id)})
+            with compiled.eager():
+                hist.evals.append({"step": total_steps, **evaluate_lm(model, eval_rows, cfg, pad_id)})
     if device.type == "cpu":
         release_freed_memory()  # hand the training activations' memory back before what comes next
     model.eval()
