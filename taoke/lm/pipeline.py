@@ -284,7 +284,8 @@ def _report(lineage, rows, metrics, reference, base_scores, derived_scores, hist
              f"({lineage['adaptation'].get('trainable_params') or 0:,} trainable parameters)",
              f"- edits: {', '.join(e['op'] for e in lineage['edits']) or 'none'}",
              f"- examples: {lineage['data']['rows']}",
-             f"- training: {len(hist.steps)} steps, {hist.seconds:.1f} s, {hist.tokens_per_s:.0f} non-padding tokens/s",
+             f"- training: {len(hist.steps)} steps, {hist.seconds:.1f} s, {hist.tokens_per_s:.0f} non-padding tokens/s"
+             + (" (decoder layers compiled with torch.compile; the time includes compiling)" if hist.compiled else ""),
              f"- parity of the saved model (reloaded with plain transformers) with the trained one: {_parity(parity)}",
              "",
              f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
