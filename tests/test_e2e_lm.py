@@ -95,3 +95,23 @@ def test_vocab_expansion_with_cjk_tokens(tmp_path):
     assert read_json(out / "model" / "config.json")["vocab_size"] == 49452 and lin["metrics"]["parity"]["ok"]
     # loss per token is not comparable across tokenizers; bits per byte of the same text is
     assert derived["bits_per_byte"] < base["bits_per_byte"]
+
+
+def test_lora_adapter_with_new_cjk_tokens_trains_them_and_reloads(tmp_path):
+    """expand_vocab + LoRA saved as an adapter alone: the new rows train (PEFT trainable tokens), the adapter
+    passes parity loaded the way chat/predict load it (base + adapter), and predict answers."""
+    out, lin, base, derived = derive("sft-vocab-cjk", tmp_path, "--set", "adapt.method=lora",
+                                     "--set", "adapt.merge=false", "--set", "train.max_steps=2",
+                                     "--set", "data.max_rows=40", "--set", "lm.gen_prompts=1")
+    assert lin["adaptation"]["trainable_tokens"] == 300
+    assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "config.json").exists()
+    assert lin["metrics"]["parity"]["ok"] is True and "base with the adapter" in (out / "report.md").read_text()
+    rows = [json.loads(l) for l in run_cli("predict", out, "你好", "--json").stdout.splitlines()]
+    assert rows[0]["completion"].strip()
+
+
+def test_adapter_alone_cannot_carry_a_depth_edit(tmp_path):
+    proc = run_cli("derive", "recipes/sft-drop-layers.yaml", "--out", tmp_path / "r", "--set", "adapt.merge=false",
+                   "--quiet", check=False)
+    assert proc.returncode == 2 and "set adapt.merge: true" in proc.stderr.replace("\n", " "), proc.stderr
+    assert not (tmp_path / "r").exists()

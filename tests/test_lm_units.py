@@ -345,3 +345,28 @@ def test_fast_lora_forward_matches_peft_and_is_put_back(tok):
     for other in (dropped, dora):  # layers the fused forward does not compute exactly keep PEFT's
         with FastLoraForward(other) as fast:
             assert fast.swapped == []
+
+
+def test_lora_trains_new_token_rows_and_merge_writes_them(tok, tmp_path):
+    """expand_vocab + LoRA: the new rows train (PEFT trainable tokens) and the merged model carries them."""
+    from transformers import AutoModelForCausalLM
+
+    from taoke.lm.merge import parity_check, save_merged
+    from taoke.lm.train import train_lm
+
+    rows = encode_conversations(tok, read_conversations(ROOT_DATA)[:24], 128)
+    used = sorted({t for r in rows for t in r["input_ids"]})[-2:]  # rows the data actually reaches
+    model = tiny_llama()
+    before = model.get_input_embeddings().weight.detach().clone()
+    hist = train_lm(model, tok, rows, None, {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-2,
+                                             "max_steps": 3, "batch_size": 2, "seq_len": 128,
+                                             "trainable_tokens": used, "progress": False})
+    assert hist.adaptation["trainable_tokens"] == 2
+    out = save_merged(hist.model, tok, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    after = merged.get_input_embeddings().weight.detach()
+    changed = (after - before).abs().amax(dim=1) > 1e-6
+    assert changed[used].all() and int(changed.sum()) == 2  # those rows and no others
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight  # still tied
+    report = parity_check(out, hist.model, tok, ["What is AI?"], max_new_tokens=6)
+    assert report["ok"]

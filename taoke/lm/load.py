@@ -9,6 +9,7 @@ keyed by the GGUF file's size and mtime, so later loads take a second or two.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -83,16 +84,59 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _adapter_dir(ref: str | os.PathLike) -> Path | None:
+    """The model directory of a run saved as an adapter only (adapter_config.json, no config.json), else None."""
+    from taoke.library import resolve
+
+    try:
+        model_dir = resolve(str(ref)).model_dir
+    except Exception:  # noqa: BLE001 - not a directory reference: the plain path reports it
+        return None
+    if model_dir is None or (model_dir / "config.json").exists() or not (model_dir / "adapter_config.json").exists():
+        return None
+    return model_dir
+
+
+def load_adapter_run(model_dir: Path, device=None, dtype=None):
+    """Base (named in taoke.json) + the saved LoRA/DoRA adapter, merged in memory; the run's own tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    meta = model_dir / "taoke.json"
+    try:
+        base_ref = json.loads(meta.read_text())["adapter"]["base"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{meta}: cannot tell which base this adapter belongs to ({err}); the run's "
+                         "model/taoke.json must name it under adapter.base") from err
+    model, _ = load_causal_lm(base_ref, device=device, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        # the run added tokens: their rows are in the adapter (trainable tokens); make room for them
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+    try:
+        model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ModelError(f"{model_dir}: the adapter does not fit its base {base_ref} ({str(err)[:200]}); "
+                         "runs that change the architecture must be saved merged (adapt.merge: true)") from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device or default_device()), tok
+
+
 def load_causal_lm(ref: str | os.PathLike, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None):
     """(model, tokenizer) for a library name, HF dir, run dir or GGUF file; the model is plain and trainable.
 
-    dtype None means fp32: trainable master weights on every device; training autocasts to bf16 where the
-    hardware runs it natively. Pass torch.bfloat16 for inference-only use on a GPU.
+    A run saved as an adapter only is loaded as its base with the adapter merged in. dtype None means fp32:
+    trainable master weights on every device; training autocasts to bf16 where the hardware runs it
+    natively. Pass torch.bfloat16 for inference-only use on a GPU.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device) if device is not None else default_device()
+    adapter_dir = _adapter_dir(ref)
+    if adapter_dir is not None:
+        return load_adapter_run(adapter_dir, device, dtype)
     model_dir = plain_model_dir(ref)
     config = AutoConfig.from_pretrained(model_dir)
     archs = " ".join(getattr(config, "architectures", None) or [])

@@ -34,6 +34,12 @@ def _lora_layer_types():
     return (LoraLayer,)
 
 
+def _token_wrapper_types():
+    from peft.utils.other import TrainableTokensWrapper
+
+    return (TrainableTokensWrapper,)
+
+
 def _merged_weight(layer) -> torch.Tensor:
     """Base weight of one PEFT LoRA layer with its active adapters merged, as a new tensor (base untouched)."""
     weight = layer.get_base_layer().weight.detach().clone()
@@ -51,7 +57,7 @@ def _merged_weight(layer) -> torch.Tensor:
 
 def merged_state(model, dtype: torch.dtype | None = None):
     """(name, tensor) pairs of the plain transformers model, adapters merged, tied tensors once."""
-    lora_types = _lora_layer_types()
+    lora_types, token_types = _lora_layer_types(), _token_wrapper_types()
     lm = unwrap(model)
     seen: set[int] = set()
     skip_prefixes: list[str] = []
@@ -63,6 +69,17 @@ def merged_state(model, dtype: torch.dtype | None = None):
             base = module.get_base_layer()
             seen.add(id(base.weight))
             yield f"{prefix}.weight", _cast(_merged_weight(module), dtype)
+            if getattr(base, "bias", None) is not None:
+                yield f"{prefix}.bias", _cast(base.bias.detach(), dtype)
+            continue
+        if isinstance(module, token_types):  # trained rows of the embedding (PEFT trainable tokens)
+            skip_prefixes.append(prefix + ".")
+            layer = module.token_adapter
+            base = layer.base_layer
+            if id(base.weight) in seen:  # a head tied to that embedding: transformers re-ties on load
+                continue
+            seen.add(id(base.weight))
+            yield f"{prefix}.weight", _cast(layer.get_merged_weights(layer.active_adapters).detach(), dtype)
             if getattr(base, "bias", None) is not None:
                 yield f"{prefix}.bias", _cast(base.bias.detach(), dtype)
             continue
@@ -165,8 +182,10 @@ def _tolerance(dtype: torch.dtype, scale: float) -> float:
 
 
 @torch.no_grad()
-def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new_tokens: int = 16) -> dict:
-    """Reload `saved_dir` with plain transformers and compare it with the in-memory model; raise ParityError."""
+def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new_tokens: int = 16,
+                 load=None) -> dict:
+    """Reload `saved_dir` with plain transformers (or `load(dir)`, e.g. base + adapter) and compare it with
+    the in-memory model; raise ParityError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     saved_dir = Path(saved_dir)
@@ -178,7 +197,7 @@ def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new
         problems.append(f"special tokens or vocabulary differ: {tok2.special_tokens_map} / {len(tok2)} vs "
                         f"{tokenizer.special_tokens_map} / {len(tokenizer)}")
     device = next(model.parameters()).device
-    saved = AutoModelForCausalLM.from_pretrained(saved_dir).to(device).eval()
+    saved = (load or AutoModelForCausalLM.from_pretrained)(saved_dir).to(device).eval()
     saved_dtype = next(saved.parameters()).dtype
     g1, g2 = unwrap(model).generation_config, saved.generation_config
     if (g1.eos_token_id, g1.pad_token_id, g1.bos_token_id) != (g2.eos_token_id, g2.pad_token_id, g2.bos_token_id):

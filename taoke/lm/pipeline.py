@@ -86,7 +86,11 @@ def _check_edits(recipe: Recipe, model) -> None:
     from taoke.edit.vocab import read_tokens
 
     depth = len(find_stack(model)[2]) if any(op != "expand_vocab" for op, _ in recipe.steps("edits")) else 0
+    adapter_only = recipe.adapt.method in ("lora", "dora") and not recipe.adapt.merge
     for op, cfg in recipe.steps("edits"):
+        if op in ("drop_layers", "expand_layers") and adapter_only:
+            raise RecipeError(f"edits.{op} changes the architecture, which an adapter saved alone cannot carry "
+                              "(it is applied to the published base): set adapt.merge: true.")
         if op not in LM_EDITS:
             raise RecipeError(f"edit '{op}' does not apply to causal LMs (use {', '.join(LM_EDITS)}).")
         if op == "drop_layers":
@@ -100,6 +104,15 @@ def _check_edits(recipe: Recipe, model) -> None:
                                   "or train_only_new: false.")
         else:
             read_tokens(cfg.tokens, cfg.file)
+
+
+def _new_token_ids(recipe: Recipe, edits: list[dict]) -> list[int] | None:
+    """Ids of the tokens expand_vocab added, for LoRA/DoRA to train their embedding rows (else they stay at
+    their initial value: the adapters do not touch the embedding)."""
+    if recipe.adapt.method not in ("lora", "dora"):
+        return None
+    ids = [i for e in edits if e["op"] == "expand_vocab" for i in range(e["vocab_before"], e["vocab_after"])]
+    return ids or None
 
 
 def _apply_edits(recipe: Recipe, model, tok) -> tuple[list[dict], list[str]]:
@@ -175,7 +188,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
     from taoke.evaluate.plots import lm_curves_png
     from taoke.lineage.card import model_card
     from taoke.lineage.record import build_lineage
-    from taoke.lm.load import load_causal_lm
+    from taoke.lm.load import load_adapter_run, load_causal_lm
     from taoke.lm.merge import parity_check, save_merged
     from taoke.lm.train import train_lm
 
@@ -195,7 +208,8 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
         from taoke.lm.train import adapt_lm
 
         edits, train_only = _apply_edits(recipe, model, tok)
-        model, counts = adapt_lm(model, {**cfg, "train_only": train_only or None})
+        model, counts = adapt_lm(model, {**cfg, "train_only": train_only or None,
+                                         "trainable_tokens": _new_token_ids(recipe, edits)})
         Console().print(model)
         Console().print(f"{counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable "
                         f"({counts['trainable_params'] / counts['total_params']:.2%}); adaptation "
@@ -216,6 +230,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
         log({"type": "base", **{k: v for k, v in base_scores.items() if k != "samples"}})
         edits, train_only = _apply_edits(recipe, model, tok)
         cfg["train_only"] = train_only or None
+        cfg["trainable_tokens"] = _new_token_ids(recipe, edits)
         if any(e["op"] == "expand_vocab" for e in edits):  # the new tokens change how the held-out text splits
             held_rows = _encode(recipe, tok, held_items)
         train_rows = _encode(recipe, tok, train_items)
@@ -235,16 +250,18 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
         if adapter_only:
             trained.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
-            parity = {"ok": None, "note": "adapter only: parity is checked on merged saves"}
         else:
             save_merged(trained, tok, model_dir)
-            parity = parity_check(model_dir, trained, tok, PARITY_PROMPTS)  # raises on a mismatch
         write_json_atomic(model_dir / "taoke.json", {
             "format": "taoke-task-model", "task": recipe.task, "arch": "hf-causal-lm",
             "adapter": {"method": recipe.adapt.method, "merged": False,
                         "base": base.name if base.source.startswith(("package:", "hub:")) else str(base.path)}
             if adapter_only else None,
             "seq_len": recipe.lm.seq_len, "chat_template": tok.chat_template is not None})
+        # an adapter is checked the way taoke chat/predict load it: its base with the adapter merged in
+        load = (lambda d: load_adapter_run(d, device="cpu")[0]) if adapter_only else None
+        parity = parity_check(model_dir, trained, tok, PARITY_PROMPTS, load=load)  # raises on a mismatch
+        parity["reloaded"] = "as its base with the adapter merged in" if adapter_only else "with plain transformers"
 
         lm_curves_png(hist.steps, run_dir / "plots" / "loss.png", f"{recipe.name}: training loss")
         metric_names = [k for k in ("loss", "perplexity", "bits_per_byte", recipe.lm.gen_metric, "dpo_loss",
@@ -286,7 +303,8 @@ def _report(lineage, rows, metrics, reference, base_scores, derived_scores, hist
              f"- examples: {lineage['data']['rows']}",
              f"- training: {len(hist.steps)} steps, {hist.seconds:.1f} s, {hist.tokens_per_s:.0f} non-padding tokens/s"
              + (" (decoder layers compiled with torch.compile; the time includes compiling)" if hist.compiled else ""),
-             f"- parity of the saved model (reloaded with plain transformers) with the trained one: {_parity(parity)}",
+             f"- parity of the saved model (reloaded {parity.get('reloaded', 'with plain transformers')}) with the "
+             f"trained one: {_parity(parity)}",
              "",
              f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
     lines += comparison_table(rows, metrics, reference)

@@ -38,6 +38,7 @@ class LMTrainConfig:
     dropout: float = 0.05
     target_modules: list[str] | str | None = None   # None: all attention + MLP projections
     train_only: list[str] | None = None  # full/freeze: only parameters whose names contain one of these train
+    trainable_tokens: list[int] | None = None  # lora/dora: embedding rows (e.g. new tokens) trained beside the adapter
     # optimisation
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -127,11 +128,14 @@ def adapt_lm(model, cfg: LMTrainConfig | dict):
             if missing:
                 raise RecipeError(f"adapt.target_modules {missing} match no Linear layer; leaves here: "
                                   f"{', '.join(sorted(leaves))}")
+        # trainable tokens: PEFT trains just those rows of the embedding (and of a head tied to it)
         config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                            use_dora=cfg.method == "dora", task_type="CAUSAL_LM", bias="none")
+                            use_dora=cfg.method == "dora", task_type="CAUSAL_LM", bias="none",
+                            trainable_token_indices=cfg.trainable_tokens or None)
         model = get_peft_model(model, config)
+        tokens = {"trainable_tokens": len(cfg.trainable_tokens)} if cfg.trainable_tokens else {}
         return model, {"method": cfg.method, "r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout,
-                       "target_modules": targets, **_counts(model)}
+                       "target_modules": targets, **tokens, **_counts(model)}
     for p in model.parameters():
         p.requires_grad = True
     record = {"method": cfg.method}
