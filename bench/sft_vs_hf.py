@@ -103,10 +103,6 @@ class _TokenCounter:
     def __init__(self):
         self.per_batch: list[int] = []
 
-    @property
-    def tokens(self) -> int:
-        return sum(self.per_batch)
-
     def __call__(self, collate):
         def wrapped(features):
             batch = collate(features)

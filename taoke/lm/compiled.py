@@ -34,9 +34,9 @@ def toolchain_ready(device: torch.device) -> bool:
 
 def want_compile(setting: bool | str, device: torch.device, total_steps: int, packing: bool) -> bool:
     """Resolve the `compile` option (true | false | auto) for this run."""
-    if setting in (False, "false", "off"):
+    if setting in (False, "false"):
         return False
-    if setting in (True, "true", "on"):
+    if setting in (True, "true"):
         return True
     if setting != "auto":
         raise RecipeError(f"train.compile '{setting}': choose true, false or auto")

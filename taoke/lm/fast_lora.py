@@ -40,7 +40,7 @@ def _plain_lora(layer: nn.Module) -> str | None:
     """The adapter name when `layer` is a PEFT LoRA Linear this forward computes exactly, else None."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is not LoraLinear or layer.merged or layer.disable_adapters or layer.fan_in_fan_out:
+    if type(layer) is not LoraLinear or layer.fan_in_fan_out:  # merged/disabled: checked on each call
         return None
     if len(layer.active_adapters) != 1 or type(layer.base_layer) is not nn.Linear:
         return None

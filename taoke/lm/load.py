@@ -118,9 +118,7 @@ def load_adapter_run(model_dir: Path, device=None, dtype=None):
     except (RuntimeError, ValueError, KeyError) as err:
         raise ModelError(f"{model_dir}: the adapter does not fit its base {base_ref} ({str(err)[:200]}); "
                          "runs that change the architecture must be saved merged (adapt.merge: true)") from err
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return model.to(device or default_device()), tok
+    return model.to(device or default_device()), _with_pad(tok)
 
 
 def load_causal_lm(ref: str | os.PathLike, device: str | torch.device | None = None,
@@ -144,7 +142,10 @@ def load_causal_lm(ref: str | os.PathLike, device: str | torch.device | None = N
         raise ModelError(f"{ref}: '{archs or config.model_type}' is not a causal language model")
     dtype = dtype or torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    return model, _with_pad(AutoTokenizer.from_pretrained(model_dir))
+
+
+def _with_pad(tok):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # causal LMs often ship without one; padding is always masked out
-    return model, tok
+    return tok

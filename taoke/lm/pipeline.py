@@ -86,9 +86,8 @@ def _check_edits(recipe: Recipe, model) -> None:
     from taoke.edit.vocab import read_tokens
 
     depth = len(find_stack(model)[2]) if any(op != "expand_vocab" for op, _ in recipe.steps("edits")) else 0
-    adapter_only = recipe.adapt.method in ("lora", "dora") and not recipe.adapt.merge
     for op, cfg in recipe.steps("edits"):
-        if op in ("drop_layers", "expand_layers") and adapter_only:
+        if op in ("drop_layers", "expand_layers") and _saves_adapter_only(recipe):
             raise RecipeError(f"edits.{op} changes the architecture, which an adapter saved alone cannot carry "
                               "(it is applied to the published base): set adapt.merge: true.")
         if op not in LM_EDITS:
@@ -106,11 +105,13 @@ def _check_edits(recipe: Recipe, model) -> None:
             read_tokens(cfg.tokens, cfg.file)
 
 
-def _new_token_ids(recipe: Recipe, edits: list[dict]) -> list[int] | None:
+def _saves_adapter_only(recipe: Recipe) -> bool:
+    return recipe.adapt.method in ("lora", "dora") and not recipe.adapt.merge
+
+
+def _new_token_ids(edits: list[dict]) -> list[int] | None:
     """Ids of the tokens expand_vocab added, for LoRA/DoRA to train their embedding rows (else they stay at
-    their initial value: the adapters do not touch the embedding)."""
-    if recipe.adapt.method not in ("lora", "dora"):
-        return None
+    their initial value: the adapters do not touch the embedding; full/freeze ignore the list)."""
     ids = [i for e in edits if e["op"] == "expand_vocab" for i in range(e["vocab_before"], e["vocab_after"])]
     return ids or None
 
@@ -209,7 +210,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
 
         edits, train_only = _apply_edits(recipe, model, tok)
         model, counts = adapt_lm(model, {**cfg, "train_only": train_only or None,
-                                         "trainable_tokens": _new_token_ids(recipe, edits)})
+                                         "trainable_tokens": _new_token_ids(edits)})
         Console().print(model)
         Console().print(f"{counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable "
                         f"({counts['trainable_params'] / counts['total_params']:.2%}); adaptation "
@@ -230,7 +231,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
         log({"type": "base", **{k: v for k, v in base_scores.items() if k != "samples"}})
         edits, train_only = _apply_edits(recipe, model, tok)
         cfg["train_only"] = train_only or None
-        cfg["trainable_tokens"] = _new_token_ids(recipe, edits)
+        cfg["trainable_tokens"] = _new_token_ids(edits)
         if any(e["op"] == "expand_vocab" for e in edits):  # the new tokens change how the held-out text splits
             held_rows = _encode(recipe, tok, held_items)
         train_rows = _encode(recipe, tok, train_items)
@@ -246,7 +247,7 @@ def derive_lm(recipe: Recipe, base: BaseRef, out: str | None, quiet: bool = Fals
         log({"type": "test", **{k: v for k, v in derived_scores.items() if k != "samples"}})
 
         model_dir = run_dir / "model"
-        adapter_only = recipe.adapt.method in ("lora", "dora") and not recipe.adapt.merge
+        adapter_only = _saves_adapter_only(recipe)
         if adapter_only:
             trained.save_pretrained(model_dir)
             tok.save_pretrained(model_dir)
