@@ -57,28 +57,31 @@ def worker(peer: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from taoke.adapt.language import adapt_lm
     from taoke.lm.load import load_causal_lm
-    from taoke.lm.train import LMTrainConfig, evaluate_lm
+    from taoke.lm.train import evaluate_lm, train_lm
+    from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
 
     model, tok = load_causal_lm("smollm2-135m", device="cpu")
     train, held = rows_and_heldout(tok, args.seq_len)
-    cfg = dict(method="lora", target_modules=TARGETS, **LORA, lr=args.lr, max_steps=args.steps,
-               batch_size=args.batch, seq_len=args.seq_len, warmup_ratio=0.1, scheduler="cosine",
-               max_grad_norm=1.0, seed=0, progress=False, threads=args.threads, compile=args.compile)
-    eval_cfg = LMTrainConfig.from_dict({**cfg, "batch_size": 4, "compile": False})
+    # the recipe blocks a taoke run of this benchmark would hold
+    train_cfg = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, warmup_ratio=0.1,
+                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=0, threads=args.threads)
+    lm_cfg = LMConfig(seq_len=args.seq_len, compile=args.compile)
+    adapt_cfg = AdaptConfig(method="lora", target_modules=TARGETS, r=LORA["r"], alpha=LORA["alpha"],
+                            dropout=LORA["dropout"])
     marks = []  # (seconds since training started, tokens so far) at the end of each optimizer step
     compiled = False
     if peer == "taoke":
-        from taoke.lm.train import train_lm
-
+        model, _ = adapt_lm(model, adapt_cfg)
         t0 = time.perf_counter()
-        hist = train_lm(model, tok, train, None, cfg,
+        hist = train_lm(model, tok, train, train_cfg, lm_cfg, progress=False,
                         on_step=lambda row: marks.append((time.perf_counter() - t0, row["tokens"])))
         tokens, seconds, examples, model, compiled = hist.tokens, hist.seconds, None, hist.model, hist.compiled
     else:
         tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args, marks)
     train_rss = peak_rss_mb()  # the peak up to the end of training, before the shared evaluation
-    held_loss = evaluate_lm(model, held, eval_cfg, tok.pad_token_id)["loss"]
+    held_loss = evaluate_lm(model, held, tok.pad_token_id, args.seq_len, batch_size=4)["loss"]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steady_tokens_per_s": steady_rate(marks), "compiled": compiled,
@@ -233,7 +236,7 @@ def main():
             runs[p].append(run_peer(p, args))
     peaks.append((matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32")))
     peak_bf16, peak_fp32 = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    from taoke.utils import cpu_has_bf16
+    from taoke.hardware import cpu_has_bf16
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)

@@ -31,7 +31,7 @@ def shared_split(max_length: int):
     from taoke.data.prepare import prepare_data
     from taoke.recipe import load_recipe
 
-    recipe, _ = load_recipe(RECIPE, [f"preprocess=[{{normalize_text: {{}}}}, {{dedup: {{}}}}, "
+    recipe = load_recipe(RECIPE, [f"preprocess=[{{normalize_text: {{}}}}, {{dedup: {{}}}}, "
                                      f"{{tokenize: {{max_length: {max_length}}}}}]"])
     plan = prepare_data(recipe)
     return plan
@@ -45,7 +45,8 @@ def worker_taoke(args) -> dict:
     from taoke.library import resolve
     from taoke.models.task_model import load_hf_classifier
     from taoke.recipe import TrainConfig
-    from taoke.train.loop import fit, predict, seed_everything
+    from taoke.train.classifier import fit, predict
+    from taoke.train.core import seed_everything
     from transformers import AutoTokenizer
 
     plan = shared_split(args.max_length)
@@ -148,7 +149,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from taoke.utils import machine_summary
+    from taoke.hardware import machine_summary
 
     lines = [f"### textcls_vs_hf — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
              f"machine: {machine_summary()}; torch {torch.__version__}, transformers {transformers.__version__}", "",

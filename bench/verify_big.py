@@ -47,7 +47,7 @@ import contextlib, io, json, sys, time
 t0 = time.perf_counter()
 from taoke.cli import main
 if sys.argv[1] == "--imports-only":
-    from taoke.lineage import verify  # noqa: F401
+    from taoke.provenance import verify  # noqa: F401
     print(json.dumps({"rss_mb": peak_rss_mb()}))
     sys.exit(0)
 sys.argv = ["taoke", "verify", sys.argv[1], sys.argv[2], "--json"]
@@ -100,7 +100,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def build_a(work: Path, base_dir: Path, base: dict, cfg: dict, gib: float) -> tuple[Path, list]:
     from taoke.formats.safetensors_io import save_streaming
-    from taoke.utils import write_json_atomic
+    from taoke.files import write_json_atomic
 
     n_base = cfg["num_hidden_layers"]
     one = big_specs(base, n_base, 1)
@@ -124,8 +124,8 @@ def build_a(work: Path, base_dir: Path, base: dict, cfg: dict, gib: float) -> tu
 def build_b(work: Path, a_dir: Path, specs: list, base: dict, cfg: dict, noise: float, shard_gib: float) -> Path:
     """Renamed + noisy copy of A, sharded; each tensor's noise is seeded by its position (reproducible)."""
     from taoke.formats.safetensors_io import save_streaming
-    from taoke.lineage.suite import RENAMED_ARCH, rename
-    from taoke.utils import write_json_atomic
+    from bench.verify_models import RENAMED_ARCH, rename
+    from taoke.files import write_json_atomic
 
     d = work / f"B-{a_dir.name}-renamed-noise{noise:g}"
     index = d / "model.safetensors.index.json"
@@ -188,8 +188,8 @@ def two_largest_mb(*dirs: Path) -> float:
 def fingerprints_mb(*dirs: Path) -> tuple[int, float]:
     """Matrices verify keeps a fingerprint of (m(m-1)/2 float32 each, in memory for the whole run), and their MB."""
     from taoke.formats import open_weights
-    from taoke.lineage.canonical import canonical_view
-    from taoke.lineage.verify import SUBSET, _fingerprinted, _residual_subset
+    from taoke.provenance.canonical import canonical_view
+    from taoke.provenance.verify import SUBSET, _fingerprinted, _residual_subset
 
     n = 0
     for d in dirs:
@@ -216,9 +216,9 @@ def main() -> None:
     args = ap.parse_args()
     from safetensors.numpy import load_file
 
-    from taoke.lineage.verify import SUBSET
+    from taoke.provenance.verify import SUBSET
 
-    from taoke.lineage import suite
+    from bench import verify_models as suite
 
     args.work.mkdir(parents=True, exist_ok=True)
     need = 2 * args.gib * GIB * 1.02

@@ -32,7 +32,7 @@ def peak_rss_mb():
             return int(line.split()[1]) / 1024
 
 t0 = time.perf_counter()
-from taoke.lineage.verify import verify
+from taoke.provenance.verify import verify
 from taoke.formats import open_weights
 a, b = sys.argv[1], sys.argv[2]
 if a == "--imports-only":
@@ -54,7 +54,7 @@ print(json.dumps({"verdict": r.verdict, "p": r.p_value, "relation": r.relation, 
 
 def build(work: Path, ft_steps: int) -> list[tuple[str, str, str, str]]:
     """(case, A, B, expected) for every pair."""
-    from taoke.lineage import suite
+    from bench import verify_models as suite
 
     base = suite.smollm2_hf(work)
     g = "smollm2-135m"
@@ -109,7 +109,7 @@ def machine() -> str:
     import transformers
     from importlib.metadata import version
 
-    from taoke.utils import machine_summary
+    from taoke.hardware import machine_summary
 
     return (f"{machine_summary()}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, "

@@ -1,3 +1,22 @@
-"""taoke (套壳): build task models on open base models, and prove what a model is built on."""
+"""taoke (套壳): build task models on open base models, and prove what a model is built on.
 
-__version__ = "0.1.0"
+The public API (the `taoke` command calls these same functions):
+
+    run = taoke.derive("recipes/text-topics.yaml", overrides=["train.epochs=1"], out="runs/topics")
+    run.metrics["derived"], run.lineage                 # scores of base and derived; the lineage record
+    model = taoke.load(run.path)                        # model, tokenizer, predict(...), evaluate(...)
+    model.predict(["can you write bubble sort?"])
+    taoke.verify("minilm-l6", run.path)                 # what `taoke verify --json` prints
+"""
+
+from taoke.derive import derive
+from taoke.errors import DataError, ModelError, RecipeError, TaokeError
+from taoke.inference import load
+from taoke.library import resolve
+from taoke.provenance.verify import verify_references as verify
+from taoke.recipe import Recipe, load_recipe
+from taoke.run import Run
+from taoke.version import __version__
+
+__all__ = ["derive", "load", "verify", "resolve", "Recipe", "load_recipe", "Run", "TaokeError", "RecipeError",
+           "DataError", "ModelError", "__version__"]

@@ -29,3 +29,22 @@ def run_cli(*args, cwd=None, check=True, env_extra=None):
 
 def read_json(path):
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture
+def taoke_main(monkeypatch, capsys):
+    """The real entry point (taoke.cli:main) in this process: returns (exit code, stdout, stderr)."""
+    from taoke.cli import main
+
+    def invoke(*args):
+        monkeypatch.setattr(sys, "argv", ["taoke", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "200")
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return invoke

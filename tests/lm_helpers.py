@@ -25,3 +25,36 @@ def tiny_llama(vocab: int = 49152, seed: int = 0, tie: bool = True):
             if p.ndim == 2:
                 p.normal_(0, 0.2)
     return model.eval()
+
+
+def configs(**kw):
+    """(TrainConfig, LMConfig, AdaptConfig) from flat keyword options, as a recipe's train/lm/adapt blocks hold them."""
+    from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
+
+    parts = {}
+    for cls in (TrainConfig, LMConfig, AdaptConfig):
+        parts[cls] = cls(**{k: kw.pop(k) for k in list(kw) if k in cls.model_fields and k not in
+                            {c for other in parts for c in other.model_fields}})
+    if kw:
+        raise TypeError(f"unknown options {sorted(kw)}")
+    return parts[TrainConfig], parts[LMConfig], parts[AdaptConfig]
+
+
+def adapted(model, trainable_tokens=None, **adapt_kw):
+    """The model adapted as adapt/language.py does it; returns (model, record)."""
+    from taoke.adapt.language import adapt_lm
+    from taoke.recipe import AdaptConfig
+
+    return adapt_lm(model, AdaptConfig(**adapt_kw), trainable_tokens=trainable_tokens)
+
+
+def train(model, tok, rows, eval_rows=None, trainable_tokens=None, **kw):
+    """Adapt, then train with train_lm (the workflow's two steps); the history carries the adaptation record."""
+    from taoke.adapt.language import adapt_lm
+    from taoke.lm.train import train_lm
+
+    train_cfg, lm_cfg, adapt_cfg = configs(**kw)
+    model, record = adapt_lm(model, adapt_cfg, trainable_tokens=trainable_tokens)
+    hist = train_lm(model, tok, rows, train_cfg, lm_cfg, eval_rows=eval_rows, progress=False)
+    hist.adaptation = record
+    return hist

@@ -20,7 +20,7 @@ from conftest import TOPICS
 def recipe_for(tmp_path, train, task="text-classification", extra=""):
     p = tmp_path / "r.yaml"
     p.write_text(f"name: t\nbase: scratch:lstm\ntask: {task}\ndata: {{train: {train}}}\n{extra}")
-    return load_recipe(p)[0]
+    return load_recipe(p)
 
 
 def test_csv_loads_real_data():

@@ -166,3 +166,19 @@ def test_tabular_classification_and_regression(tmp_path):
     lin = check_run_dir(out)
     assert set(lin["metrics"]["derived"]) == {"mae", "rmse", "r2"}
     assert lin["metrics"]["derived"]["r2"] > 0.0
+
+
+def test_a_changed_weight_file_is_refused_on_load(topics_run, tmp_path):
+    """lineage.json holds the sha256 of every model file; loading a run checks them (exit 2 naming the file)."""
+    import shutil
+
+    lin = read_json(topics_run / "lineage.json")
+    assert "model.safetensors" in lin["model_files"] and "README.md" in lin["model_files"]
+    copy = tmp_path / "copy"
+    shutil.copytree(topics_run, copy)
+    weights = copy / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the last tensor
+    weights.write_bytes(bytes(data))
+    proc = run_cli("predict", copy, "hello", check=False)
+    assert proc.returncode == 2 and "model.safetensors: sha256 differs" in proc.stderr.replace("\n", "")

@@ -81,16 +81,16 @@ def test_freeze_method(tmp_path):
 
 def test_lora_merged_equals_adapter(tmp_path):
     from taoke.data.encode import encode_frame
+    from taoke.inference import load
     from taoke.models.task_model import load_adapter_model, load_task_model, read_meta
-    from taoke.predict import _split_frame
-    from taoke.train.loop import predict
+    from taoke.train.classifier import predict
 
     out, lin = derive("adapt-lora", tmp_path, "--set", "train.epochs=4")
     assert lin["adaptation"]["trainable_params"] < 0.02 * lin["adaptation"]["total_params"]
     assert (out / "model" / "adapter" / "adapter_model.safetensors").exists()
     merged, meta, tok = load_task_model(out / "model")
     adapter = load_adapter_model(out / "model" / "adapter", read_meta(out / "model")).eval()
-    frame, _ = _split_frame(out, "test", meta)
+    frame, _ = load(out).split_frame("test")
     enc = encode_frame(frame, meta, tok)
     a, b = predict(merged, enc, precision="fp32"), predict(adapter, enc, precision="fp32")
     assert torch.allclose(a, b, atol=1e-4)
@@ -124,7 +124,7 @@ def test_bad_edits_fail_before_training(tmp_path, edit, expect):
 def test_lora_target_matching_nothing(tmp_path):
     proc = run_cli("derive", "recipes/adapt-lora.yaml", "--out", tmp_path / "r", "--set",
                    "adapt.target_modules=[q_proj]", "--quiet", check=False)
-    assert proc.returncode == 2 and "'q_proj' matches no Linear module" in proc.stderr
+    assert proc.returncode == 2 and "['q_proj'] match no Linear module" in proc.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -9,6 +9,12 @@ import torch
 from conftest import read_json, run_cli
 
 
+def parity_held(lin) -> bool:
+    """The recorded parity check: logits within tolerance on every prompt, one generation per prompt."""
+    p = lin["metrics"]["parity"]
+    return p["prompts"] >= 1 and len(p["generations"]) == p["prompts"] and p["max_logit_diff"] <= p["tolerance"]
+
+
 def derive(recipe, tmp_path, *extra):
     out = tmp_path / "run"
     run_cli("derive", f"recipes/{recipe}.yaml", "--out", out, "--quiet", *extra)
@@ -20,7 +26,7 @@ def derive(recipe, tmp_path, *extra):
 def test_sft_lora_slice(tmp_path):
     out, lin, base, derived = derive("sft-lora", tmp_path, "--set", "train.max_steps=6", "--set", "data.max_rows=80")
     assert derived["loss"] < base["loss"]
-    assert lin["metrics"]["parity"]["ok"] is True and lin["metrics"]["parity"]["max_logit_diff"] < 1e-3
+    assert parity_held(lin) and lin["metrics"]["parity"]["max_logit_diff"] < 1e-3
     card = (out / "model" / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "license: apache-2.0" in card
     assert (out / "model" / "chat_template.jinja").exists() or "chat_template" in (out / "model" / "tokenizer_config.json").read_text()
@@ -32,19 +38,19 @@ def test_sft_lora_slice(tmp_path):
 @pytest.mark.slow
 def test_sft_full(tmp_path):
     out, lin, base, derived = derive("sft-full", tmp_path, "--set", "train.max_steps=8", "--set", "data.max_rows=80")
-    assert derived["loss"] < base["loss"] and lin["metrics"]["parity"]["ok"]
+    assert derived["loss"] < base["loss"] and parity_held(lin)
 
 
 @pytest.mark.slow
 def test_continued_pretraining(tmp_path):
     out, lin, base, derived = derive("lm-continued", tmp_path, "--set", "train.max_steps=8")
-    assert derived["loss"] < base["loss"] and lin["metrics"]["parity"]["ok"]
+    assert derived["loss"] < base["loss"] and parity_held(lin)
 
 
 @pytest.mark.slow
 def test_dpo_lora(tmp_path):
     out, lin, base, derived = derive("dpo-lora", tmp_path, "--set", "train.max_steps=8")
-    assert derived["dpo_loss"] < 0.6931 and lin["metrics"]["parity"]["ok"]
+    assert derived["dpo_loss"] < 0.6931 and parity_held(lin)
 
 
 # ---------------------------------------------------------------------------------------------- edits on LLaMA
@@ -64,7 +70,7 @@ def test_llama_pro_block_expansion_trains_only_new_blocks(tmp_path):
     assert edit["op"] == "expand_layers" and edit["layers_after"] == 33 and edit["new_positions"] == [10, 21, 32]
     assert read_json(out / "model" / "config.json")["num_hidden_layers"] == 33
     assert lin["adaptation"]["trainable_params"] == 3 * 3_540_096  # three SmolLM2 blocks, nothing else
-    assert derived["loss"] < base["loss"] and lin["metrics"]["parity"]["ok"] is True
+    assert derived["loss"] < base["loss"] and parity_held(lin)
     saved, original = _weights(out / "model"), _weights(plain_model_dir("smollm2-135m"))
     new_of_old = [i for i in range(33) if i not in (10, 21, 32)]
     for new, old in [(0, 0), (9, 9), (11, 10), (22, 20), (31, 29)]:  # base blocks kept bit for bit
@@ -78,7 +84,7 @@ def test_drop_layers_on_llama_saves_a_shallower_model(tmp_path):
     out, lin, base, derived = derive("sft-drop-layers", tmp_path, "--set", "train.max_steps=6",
                                      "--set", "data.max_rows=80")
     assert lin["edits"][0]["layers_after"] == 24 and read_json(out / "model" / "config.json")["num_hidden_layers"] == 24
-    assert lin["metrics"]["parity"]["ok"] is True  # KV-cache layer indices renumbered: generation matches
+    assert parity_held(lin)  # KV-cache layer indices renumbered: generation matches
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"]
     assert steps[-1]["loss"] < steps[0]["loss"]
 
@@ -92,7 +98,7 @@ def test_vocab_expansion_with_cjk_tokens(tmp_path):
     assert edit["added"] == 300 and edit["vocab_after"] == 49152 + 300
     tok = AutoTokenizer.from_pretrained(out / "model")
     assert len(tok("你好", add_special_tokens=False)["input_ids"]) == 2  # one token per character now
-    assert read_json(out / "model" / "config.json")["vocab_size"] == 49452 and lin["metrics"]["parity"]["ok"]
+    assert read_json(out / "model" / "config.json")["vocab_size"] == 49452 and parity_held(lin)
     # loss per token is not comparable across tokenizers; bits per byte of the same text is
     assert derived["bits_per_byte"] < base["bits_per_byte"]
 
@@ -105,7 +111,7 @@ def test_lora_adapter_with_new_cjk_tokens_trains_them_and_reloads(tmp_path):
                                      "--set", "data.max_rows=40", "--set", "lm.gen_prompts=1")
     assert lin["adaptation"]["trainable_tokens"] == 300
     assert (out / "model" / "adapter_model.safetensors").exists() and not (out / "model" / "config.json").exists()
-    assert lin["metrics"]["parity"]["ok"] is True and "base with the adapter" in (out / "report.md").read_text()
+    assert parity_held(lin) and "base with the adapter" in (out / "report.md").read_text()
     rows = [json.loads(l) for l in run_cli("predict", out, "你好", "--json").stdout.splitlines()]
     assert rows[0]["completion"].strip()
 

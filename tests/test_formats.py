@@ -10,7 +10,7 @@ import torch
 from taoke.errors import ModelError
 from taoke.formats import open_weights
 from taoke.formats.gguf_io import unpermute_qk
-from taoke.lineage import suite
+from bench import verify_models as suite
 from tests.lineage_tiny import load, tiny_llama
 
 

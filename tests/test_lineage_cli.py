@@ -1,31 +1,12 @@
-"""The four commands through a Typer app built with cli_lineage.register; lineage trees; normalize."""
+"""verify, diff, normalize and lineage through the real entry point (taoke.cli:main); lineage trees."""
 
 import json
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from taoke.cli_lineage import register
 from taoke.errors import TaokeError
 from tests.lineage_tiny import finetune_like, load, save, tiny_llama
-
-runner = CliRunner()
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def noop() -> None:  # a second command keeps Typer in multi-command mode
-        pass
-    return app
-
-
-def invoke(*args):
-    return runner.invoke(make_app(), [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +16,25 @@ def fam(tmp_path_factory):
     return {"root": root, "base": base, "other": tiny_llama(root / "other", seed=3)}
 
 
-def test_verify_json_contract(fam, tmp_path):
+def test_verify_json_contract(fam, tmp_path, taoke_main):
     child = finetune_like(fam["base"], tmp_path / "child", scale=0.2)
-    res = invoke("verify", fam["base"], child, "--json")
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
-    assert out["verdict"] == "derived" and out["p_value"] < 1e-6
-    assert out["relation"] in ("copy", "quantized", "finetune", "pruned", "adapter-merge", "expanded", "unknown")
-    assert out["layers"] and {"names_a", "names_b", "similarity"} <= set(out["layers"][0])
-    res = invoke("verify", fam["base"], fam["other"])
-    assert res.exit_code == 0 and "verdict: independent" in res.output
+    code, out, err = taoke_main("verify", fam["base"], child, "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["verdict"] == "derived" and res["p_value"] < 1e-6
+    assert res["relation"] == "finetune"  # dense changes to every matrix, same storage type: fine-tuning
+    assert len(res["layers"]) == 4 and {"names_a", "names_b", "similarity"} <= set(res["layers"][0])
+    assert res["layers"][0]["names_a"] == res["layers"][0]["names_b"]  # same naming on both sides
+    code, out, err = taoke_main("verify", fam["base"], fam["other"])
+    assert code == 0 and "verdict: independent" in out
 
 
-def test_unknown_reference_is_a_user_error(fam):
-    res = invoke("verify", fam["base"], "no-such-model-xyz")
-    assert isinstance(res.exception, TaokeError)
+def test_unknown_reference_exits_2_with_a_message(fam, taoke_main):
+    code, out, err = taoke_main("verify", fam["base"], "no-such-model-xyz")
+    assert code == 2 and "unknown base 'no-such-model-xyz'" in err and "Traceback" not in err
 
 
-def test_diff_writes_table_and_heatmap(fam, tmp_path):
+def test_diff_writes_table_and_heatmap(fam, tmp_path, taoke_main):
     sd, cfg = load(fam["base"])
     keep = [0, 1, 3]   # drop layer 2
     pruned = {k: v for k, v in sd.items() if ".layers." not in k}
@@ -60,9 +42,9 @@ def test_diff_writes_table_and_heatmap(fam, tmp_path):
         pre = f"model.layers.{old}."
         pruned.update({f"model.layers.{new}." + k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})
     child = save(tmp_path / "pruned", pruned, {**cfg, "num_hidden_layers": 3})
-    res = invoke("diff", fam["base"], child, "--out", tmp_path / "d", "--json")
-    assert res.exit_code == 0, res.output
-    rep = json.loads(res.output)
+    code, out, err = taoke_main("diff", fam["base"], child, "--out", tmp_path / "d", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
     assert rep["relation"] == "pruned"
     assert [(r["a"], r["b"]) for r in rep["table"]] == [("blk.0", "blk.0"), ("blk.1", "blk.1"), ("blk.3", "blk.2")]
     assert any("not found in B: 2" in c for c in rep["changes"])
@@ -70,15 +52,15 @@ def test_diff_writes_table_and_heatmap(fam, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_lineage_flags_undisclosed_and_contradicted(fam, tmp_path):
+def test_lineage_flags_undisclosed_and_contradicted(fam, tmp_path, taoke_main):
     root = tmp_path / "zoo"
     save(root / "base", *load(fam["base"]))
     finetune_like(fam["base"], root / "honest", scale=0.2, card_base="base")
     finetune_like(fam["base"], root / "shell", scale=0.2, seed=9)                 # claims nothing
     save(root / "liar", *load(fam["other"]), card_base="base")                   # claims base, is not
-    res = invoke("lineage", root, "--out", tmp_path / "out", "--json")
-    assert res.exit_code == 0, res.output
-    tree = json.loads(res.output)
+    code, out, err = taoke_main("lineage", root, "--out", tmp_path / "out", "--json")
+    assert code == 0, err
+    tree = json.loads(out)
     status = {(e["parent"], e["child"]): e["status"] for e in tree["edges"]}
     assert status[("base", "honest")] == "confirmed"
     assert status[("base", "liar")] == "contradicted"
@@ -88,7 +70,7 @@ def test_lineage_flags_undisclosed_and_contradicted(fam, tmp_path):
     assert (tmp_path / "out" / "lineage_tree.png").exists() and (tmp_path / "out" / "lineage_tree.mmd").exists()
 
 
-def test_normalize_renamed_tiny_gives_identical_logits(fam, tmp_path):
+def test_normalize_renamed_tiny_gives_identical_logits(fam, tmp_path, taoke_main):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -96,8 +78,8 @@ def test_normalize_renamed_tiny_gives_identical_logits(fam, tmp_path):
     ren = {k.replace("input_layernorm", "ln1").replace("post_attention_layernorm", "ln2")
             .replace("model.layers", "transformer.h"): v for k, v in sd.items()}
     src = save(tmp_path / "yi", ren, {**cfg, "architectures": ["YiForCausalLM"], "model_type": "yi"})
-    res = invoke("normalize", src, tmp_path / "norm")
-    assert res.exit_code == 0, res.output
+    code, out, err = taoke_main("normalize", src, tmp_path / "norm")
+    assert code == 0, err
     ids = torch.tensor([[1, 5, 9, 200, 3, 77]])
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(str(fam["base"])).eval()(ids).logits
@@ -106,7 +88,7 @@ def test_normalize_renamed_tiny_gives_identical_logits(fam, tmp_path):
 
 
 def test_normalize_refuses_non_llama():
-    from taoke.lineage.normalize import normalize
+    from taoke.provenance.normalize import normalize
 
     with pytest.raises(TaokeError, match="llama family"):
         normalize("minilm-l6", "/tmp/should-not-be-written-taoke")
@@ -117,8 +99,8 @@ def test_normalize_real_renamed_smollm2(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from taoke.lineage import suite
-    from taoke.lineage.normalize import normalize
+    from bench import verify_models as suite
+    from taoke.provenance.normalize import normalize
 
     base = suite.smollm2_hf(tmp_path)
     src = suite.renamed(tmp_path, base)

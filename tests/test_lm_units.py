@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from taoke.errors import DataError
 from taoke.lm.data import (IGNORE, encode_chat, encode_conversations, encode_documents, read_conversations,
                            read_dpo_pairs, read_text_documents)
-from taoke.lm.loss import lm_loss_sum, linear_cross_entropy_sum, reference_loss_sum, unwrap
+from taoke.lm.loss import lm_loss_sum, linear_cross_entropy_sum, reference_loss_sum
+from taoke.models.parts import unwrap
 from taoke.lm.pack import pack_rows, packed_batch, padded_batch
-from tests.lm_helpers import smollm_tokenizer, tiny_llama
+from tests.lm_helpers import adapted, smollm_tokenizer, tiny_llama, train
 
 ROOT_DATA = "data/chatterbot/dialogs.jsonl"
 
@@ -167,9 +168,7 @@ def test_packed_and_unpacked_training_agree(tok):
 # ---------------------------------------------------------------------------------------------- merge + parity
 
 def _adapted(method):
-    from taoke.lm.train import adapt_lm
-
-    model, _ = adapt_lm(tiny_llama(), {"method": method, "r": 4, "alpha": 8, "dropout": 0.0})
+    model, _ = adapted(tiny_llama(), method=method, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -197,7 +196,7 @@ def test_merge_equals_adapter_outputs(tok, tmp_path, method):
     assert (a - base_logits).abs().max() > 1e-2  # the adapter really changes the outputs
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
     report = parity_check(out, model, tok, ["What is AI?"], max_new_tokens=6)
-    assert report["ok"] and report["max_logit_diff"] < 1e-3
+    assert report["max_logit_diff"] < 1e-3 and all(g["identical"] for g in report["generations"])
 
 
 def test_parity_check_catches_changed_weight_and_lost_template(tok, tmp_path):
@@ -242,31 +241,33 @@ def test_dpo_loss_and_sequence_logprobs(tok):
 
 
 def test_predict_file_writes_completions(tok, tmp_path):
-    from taoke.lm.chat import predict_file
+    from taoke.inference.language import LanguagePredictor
+    from taoke.lm.data import read_prompts
 
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "What is AI?"}\n"Hello"\n')
-    n = predict_file(tiny_llama(), tok, prompts, tmp_path / "out.jsonl", max_new_tokens=4)
-    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert n == 2 and lines[1]["prompt"] == "Hello" and isinstance(lines[0]["completion"], str)
+    prompts.write_text('{"prompt": "What is AI?"}\n"Hello"\n{"messages": [{"role": "user", "content": "Hi"}, '
+                       '{"role": "assistant", "content": "ref"}]}\n')
+    read = read_prompts(prompts)
+    assert read[2] == [{"role": "user", "content": "Hi"}]  # the reference answer is not part of the prompt
+    predictor = LanguagePredictor(tiny_llama(), tok, {"task": "sft"}, tmp_path)
+    rows = predictor.predict(read, max_new_tokens=4)
+    assert [r["prompt"] for r in rows] == ["What is AI?", "Hello", "Hi"]
 
 
 @pytest.mark.parametrize("method", ["full", "freeze", "lora", "dora"])
 def test_train_lm_methods_reduce_training_loss(tok, method):
-    from taoke.lm.train import train_lm
-
     rows = encode_conversations(tok, read_conversations(ROOT_DATA)[:8], 128)
     model = tiny_llama()
-    hist = train_lm(model, tok, rows, rows[:4], {"method": method, "freeze_layers": 1, "lr": 3e-3, "max_steps": 6,
-                                                  "batch_size": 2, "seq_len": 256, "progress": False,
-                                                  "warmup_ratio": 0.0, "r": 4, "dropout": 0.0})
+    hist = train(model, tok, rows, rows[:4], method=method, layers=1, lr=3e-3, max_steps=6, batch_size=2,
+                 seq_len=256, warmup_ratio=0.0, r=4, dropout=0.0)
     assert hist.steps[-1]["loss"] < hist.steps[0]["loss"]
     assert hist.tokens > 0 and hist.tokens_per_s > 0
     assert hist.adaptation["trainable_params"] < hist.adaptation["total_params"] or method == "full"
 
 
 def test_generate_eval_metrics(tok):
-    from taoke.lm.train import METRICS, generate_eval
+    from taoke.evaluate.text_metrics import TEXT_METRICS as METRICS
+    from taoke.lm.generate import generate_eval
 
     assert METRICS["exact_match"]("Paris", " paris ") == 1.0
     assert METRICS["contains"]("It is Paris.", "paris") == 1.0
@@ -301,8 +302,8 @@ def test_frozen_weights_held_in_bf16_then_restored_exactly(tok):
 
 
 def test_rouge_l_scores_cjk_text_and_bits_per_byte_ignore_tokenization(tok):
-    from taoke.lm.pipeline import _bits_per_byte
-    from taoke.lm.train import METRICS
+    from taoke.derive.language import bits_per_byte as _bits_per_byte
+    from taoke.evaluate.text_metrics import TEXT_METRICS as METRICS
 
     assert METRICS["rouge_l"]("是的,我受到造物者", "是的,我受到造物者的启发") > 0.8  # the default tokenizer gives 0
     assert METRICS["rouge_l"]("running dogs", "run dog") == 1.0  # ASCII keeps the stemmed scorer
@@ -315,7 +316,6 @@ def test_rouge_l_scores_cjk_text_and_bits_per_byte_ignore_tokenization(tok):
 
 def test_fast_lora_forward_matches_peft_and_is_put_back(tok):
     from taoke.lm.fast_lora import FastLoraForward
-    from taoke.lm.train import adapt_lm
 
     model = _adapted("lora")
     batch = packed_batch(pack_rows(encode_conversations(tok, read_conversations(ROOT_DATA)[:4], 128), 256, 0))
@@ -340,8 +340,8 @@ def test_fast_lora_forward_matches_peft_and_is_put_back(tok):
     for k, g in peft_grads.items():
         cos = F.cosine_similarity(g.flatten(), fast_grads[k].flatten(), dim=0)
         assert cos > 0.99, (k, float(cos))
-    dropped, _ = adapt_lm(tiny_llama(), {"method": "lora", "r": 4, "dropout": 0.1})
-    dora, _ = adapt_lm(tiny_llama(), {"method": "dora", "r": 4, "dropout": 0.0})
+    dropped, _ = adapted(tiny_llama(), method="lora", r=4, dropout=0.1)
+    dora, _ = adapted(tiny_llama(), method="dora", r=4, dropout=0.0)
     for other in (dropped, dora):  # layers the fused forward does not compute exactly keep PEFT's
         with FastLoraForward(other) as fast:
             assert fast.swapped == []
@@ -352,15 +352,13 @@ def test_lora_trains_new_token_rows_and_merge_writes_them(tok, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from taoke.lm.merge import parity_check, save_merged
-    from taoke.lm.train import train_lm
 
     rows = encode_conversations(tok, read_conversations(ROOT_DATA)[:24], 128)
     used = sorted({t for r in rows for t in r["input_ids"]})[-2:]  # rows the data actually reaches
     model = tiny_llama()
     before = model.get_input_embeddings().weight.detach().clone()
-    hist = train_lm(model, tok, rows, None, {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "lr": 1e-2,
-                                             "max_steps": 3, "batch_size": 2, "seq_len": 128,
-                                             "trainable_tokens": used, "progress": False})
+    hist = train(model, tok, rows, trainable_tokens=used, method="lora", r=4, alpha=8, dropout=0.0, lr=1e-2,
+                 max_steps=3, batch_size=2, seq_len=128)
     assert hist.adaptation["trainable_tokens"] == 2
     out = save_merged(hist.model, tok, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out)
@@ -369,4 +367,4 @@ def test_lora_trains_new_token_rows_and_merge_writes_them(tok, tmp_path):
     assert changed[used].all() and int(changed.sum()) == 2  # those rows and no others
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight  # still tied
     report = parity_check(out, hist.model, tok, ["What is AI?"], max_new_tokens=6)
-    assert report["ok"]
+    assert report["max_logit_diff"] <= report["tolerance"] and report["generations"][0]["identical"]

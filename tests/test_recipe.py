@@ -18,7 +18,7 @@ def write(tmp_path, text):
 
 
 def test_defaults_and_paths(tmp_path):
-    recipe, _ = load_recipe(write(tmp_path, BASIC))
+    recipe = load_recipe(write(tmp_path, BASIC))
     assert recipe.train.epochs == 3 and recipe.adapt.method == "full"
     assert recipe.data.train.endswith("data/chatterbot/topics.csv")
     assert recipe.data.split.test == 0.2
@@ -57,7 +57,7 @@ def test_preprocess_step_validation(tmp_path):
 
 
 def test_overrides(tmp_path):
-    recipe, _ = load_recipe(write(tmp_path, BASIC), ["train.lr=3e-5", "adapt.method=head", "data.split.seed=7",
+    recipe = load_recipe(write(tmp_path, BASIC), ["train.lr=3e-5", "adapt.method=head", "data.split.seed=7",
                                                      "eval.metrics=[accuracy]"])
     assert recipe.train.lr == pytest.approx(3e-5)
     assert recipe.adapt.method == "head"

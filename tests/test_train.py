@@ -4,7 +4,9 @@ import torch
 from taoke.recipe import TrainConfig
 from taoke.models.scratch import build_scratch
 from taoke.train.batches import Encoded, batch_indices
-from taoke.train.loop import fit, predict, save_checkpoint, seed_everything, LoopState
+from taoke.train.checkpoint import save_checkpoint
+from taoke.train.classifier import fit, predict
+from taoke.train.core import seed_everything
 
 
 def digits_encoded(n=400):
@@ -54,7 +56,7 @@ def test_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
     model = build_scratch("mlp", 2, {"in_features": 4, "hidden": (4,)})
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp_path, model, opt, sched, LoopState(step=5))
+    save_checkpoint(tmp_path, model.state_dict(), opt, sched, {"step": 5})
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["loop"]["step"] == 5

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import taoke.train.loop as loop
+import taoke.train.classifier as loop
 from taoke.models.scratch import TransformerClassifier
 from taoke.recipe import TrainConfig
 from taoke.train.batches import Encoded

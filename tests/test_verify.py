@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from taoke.formats import open_weights
-from taoke.lineage import suite
-from taoke.lineage.canonical import canonical_view
-from taoke.lineage.verify import align_layers, verify
+from bench import verify_models as suite
+from taoke.provenance.canonical import canonical_view
+from taoke.provenance.verify import align_layers, verify
 from tests.lineage_tiny import finetune_like, load, save, tiny_llama
 
 
@@ -216,7 +216,7 @@ def test_streaming_a_file_leaves_no_pages_resident(tmp_path):
 
 
 def test_spill_store_round_trip():
-    from taoke.lineage.verify import SpillStore
+    from taoke.provenance.verify import SpillStore
 
     s = SpillStore()
     a, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.ones((2, 5), np.float32)
@@ -227,7 +227,7 @@ def test_spill_store_round_trip():
 
 def test_per_role_layer_matrix_equals_full_product():
     """The per-role products give the same layer matrix as comparing every tensor with every tensor."""
-    from taoke.lineage.verify import Fingerprint, _layer_matrix, _role_blocks
+    from taoke.provenance.verify import Fingerprint, _layer_matrix, _role_blocks
 
     rng = np.random.default_rng(0)
 
@@ -251,7 +251,7 @@ def test_per_role_layer_matrix_equals_full_product():
 # ------------------------------------------------------------------------------------------ relation, family
 
 def test_norms_changed_beyond_storage_rounding():
-    from taoke.lineage.verify import norms_changed
+    from taoke.provenance.verify import norms_changed
 
     g = (1 + 0.05 * np.random.default_rng(0).standard_normal(64)).astype(np.float32)
     f32, f16, bf16 = 2.0 ** -24, 2.0 ** -11, 2.0 ** -8

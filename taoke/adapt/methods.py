@@ -1,34 +1,33 @@
-"""Adaptation: which parameters train. full | freeze (bottom N layers) | head (linear probe) | lora | dora."""
+"""Adaptation of classifiers: which parameters train. full | freeze (bottom N layers) | head | lora | dora."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from taoke.edit.layers import find_stack
+from taoke.adapt.lora import apply_lora
 from taoke.errors import RecipeError
-from taoke.models.task_model import HFClassifier, count_parameters, get_head
+from taoke.models.parts import count_parameters, find_stack, input_embeddings, unwrap
+from taoke.models.task_model import HFClassifier, get_head
 from taoke.recipe import AdaptConfig
 
 
-def layer_stack(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
-    """(ordered blocks, embeddings) of a model, bottom first, for freezing by depth."""
+def bottom_up_blocks(model: nn.Module) -> tuple[list[nn.Module], nn.Module | None]:
+    """(blocks bottom first, input embeddings) for freezing by depth: the layer stack of a transformer, the
+    trainable children of a scratch model's body otherwise."""
     if isinstance(model, HFClassifier):
-        base = model.hf.base_model
-        emb = getattr(base, "embeddings", None) or getattr(base, "embed_tokens", None)
-        return list(find_stack(model)[2]), emb
+        # a BERT body's embeddings module holds word, position and type embeddings (and their norm)
+        emb = getattr(unwrap(model).base_model, "embeddings", None) or input_embeddings(model)
+        return list(find_stack(model).blocks), emb
     body = getattr(model, "body", None)
     if body is not None:
         return [m for m in body.children() if any(p.requires_grad for p in m.parameters())], None
-    blocks = [m for name, m in model.named_children() if name != "head"]
-    return blocks, None
+    return [m for name, m in model.named_children() if name != "head"], None
 
 
 def adapt(model: nn.Module, cfg: AdaptConfig) -> dict:
     """Set requires_grad per the method; returns a record with trainable/total counts."""
     method = cfg.method
     if method in ("lora", "dora"):
-        from taoke.adapt.lora import apply_lora
-
         extra = apply_lora(model, cfg)
         total, trainable = count_parameters(model)
         return {**cfg.model_dump(exclude_none=True), **extra, "trainable_params": trainable, "total_params": total}
@@ -38,7 +37,7 @@ def adapt(model: nn.Module, cfg: AdaptConfig) -> dict:
         for p in get_head(model).parameters():
             p.requires_grad = True
     elif method == "freeze":
-        blocks, emb = layer_stack(model)
+        blocks, emb = bottom_up_blocks(model)
         n = cfg.layers if cfg.layers is not None else len(blocks) // 2
         if n > len(blocks):
             raise RecipeError(f"adapt.layers={n} but the model has {len(blocks)} layers; choose 0..{len(blocks)}.")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 
 from taoke.errors import DataError
 from taoke.recipe import Augment
@@ -14,8 +15,6 @@ from taoke.recipe import Augment
 
 def load_images(items, size: int | None, channels: int | None) -> torch.Tensor:
     """Decode images (file paths or HxW / HxWxC arrays) into a float tensor N x C x H x W in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
-
     arrays = []
     for item in items:
         if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):

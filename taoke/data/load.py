@@ -8,15 +8,18 @@ need no download.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sklearn.datasets as skd
+from datasets import load_dataset
 
 from taoke.errors import DataError
-from taoke.utils import sha256_file
+from taoke.files import sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SKLEARN_SOURCES = {
@@ -65,8 +68,6 @@ def load_source(spec: str) -> Table:
 
 
 def _load_with_datasets(builder: str, path: Path, kind: str, **kwargs) -> Table:
-    from datasets import load_dataset
-
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types
@@ -132,16 +133,12 @@ def _load_image_folder(root: Path) -> Table:
             rows.append({"image": str(p), "label": d.name})
             files.append({"path": str(p.relative_to(root)), "sha256": sha256_file(p)})
     # One combined digest keeps lineage.json small for folders with thousands of files.
-    import hashlib
-
     digest = hashlib.sha256("".join(f["path"] + f["sha256"] for f in files).encode()).hexdigest()
     return Table(pd.DataFrame(rows), str(root), "image-folder",
                  [{"path": str(root), "sha256": digest, "files": len(files)}])
 
 
 def _load_sklearn(spec: str) -> Table:
-    import sklearn.datasets as skd
-
     name = spec.split(":", 1)[1]
     if name not in SKLEARN_SOURCES:
         raise DataError(f"unknown bundled dataset '{spec}'. Available: "

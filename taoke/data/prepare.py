@@ -62,8 +62,8 @@ def prepare_data(recipe: Recipe) -> DataPlan:
     frame = train_table.frame.reset_index(drop=True)
     frame["__row__"] = range(len(frame))
 
-    normalize_cfg = recipe.step("normalize_text")
-    dedup_cfg = recipe.step("dedup")
+    normalize_cfg = recipe.preprocess_step("normalize_text")
+    dedup_cfg = recipe.preprocess_step("dedup")
     if dedup_cfg is not None:
         if kind != "text":
             raise DataError("preprocess 'dedup' works on text data; remove it for this task.")
@@ -105,20 +105,20 @@ def prepare_data(recipe: Recipe) -> DataPlan:
 def _fit_inputs(recipe: Recipe, kind: str, train: pd.DataFrame) -> dict:
     d = recipe.data
     if kind == "text":
-        norm = recipe.step("normalize_text")
-        tok = recipe.step("tokenize")
+        norm = recipe.preprocess_step("normalize_text")
+        tok = recipe.preprocess_step("tokenize")
         return {"kind": "text", "column": d.text, "normalize": norm.model_dump() if norm else None,
                 "max_length": tok.max_length if tok else 128, "vocab_size": tok.vocab_size if tok else 20000}
     if kind == "image":
-        resize = recipe.step("resize")
+        resize = recipe.preprocess_step("resize")
         size = resize.size if resize else None
         channels = resize.channels if resize else None
-        norm = recipe.step("normalize")
+        norm = recipe.preprocess_step("normalize")
         images = image_ops.load_images(train[d.image].tolist(), size, channels)
         mean, std = image_ops.channel_stats(images)
         if norm is not None and norm.mean is not None:
             mean, std = norm.mean, norm.std or std
-        aug = recipe.step("augment")
+        aug = recipe.preprocess_step("augment")
         return {"kind": "image", "column": d.image, "size": size or images.shape[-1],
                 "channels": images.shape[1], "mean": mean, "std": std,
                 "augment": aug.model_dump() if aug else None}
@@ -127,6 +127,6 @@ def _fit_inputs(recipe: Recipe, kind: str, train: pd.DataFrame) -> dict:
     if missing:
         raise DataError(f"{d.train}: feature column '{missing[0]}' (data.features) not found. Columns are: "
                         f"{', '.join(c for c in train.columns if c != '__row__')}.")
-    params = fit_tabular(train, features, d.categorical, recipe.step("standardize") is not None,
-                         recipe.step("one_hot") is not None, d.train)
+    params = fit_tabular(train, features, d.categorical, recipe.preprocess_step("standardize") is not None,
+                         recipe.preprocess_step("one_hot") is not None, d.train)
     return {"kind": "tabular", "params": params}

@@ -6,6 +6,8 @@ import re
 import unicodedata
 
 import pandas as pd
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from taoke.recipe import NormalizeText
 
@@ -25,9 +27,6 @@ def normalize_text(texts: pd.Series, cfg: NormalizeText) -> pd.Series:
 
 def train_word_tokenizer(texts: list[str], vocab_size: int):
     """A word-level tokenizer for from-scratch text models, trained with HF `tokenizers`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -47,8 +47,6 @@ def apply_edits(model: nn.Module, tokenizer, edits: list[tuple[str, object]], ou
             if cfg.train_only_new:
                 result.train_only_prefixes = (result.train_only_prefixes or []) + prefixes
         elif op == "freeze":
-            if not cfg.layers and not cfg.pattern:
-                raise RecipeError(f"edits[{i}].freeze: give layers: [...] or pattern: '...'")
             result.freezes.append(cfg)
         elif op == "expand_vocab":
             if not isinstance(model, HFClassifier):

@@ -6,14 +6,15 @@ import fnmatch
 
 from torch import nn
 
-from taoke.edit.layers import find_stack
 from taoke.errors import RecipeError
+from taoke.models.parts import find_stack
+from taoke.models.task_model import get_head
 
 
 def freeze(model: nn.Module, layers: list[int] | None, patterns: list[str] | None) -> dict:
     frozen = 0
     if layers:
-        _, _, stack = find_stack(model)
+        stack = find_stack(model).blocks
         bad = [i for i in layers if not 0 <= i < len(stack)]
         if bad:
             raise RecipeError(f"edits.freeze.layers: index {bad[0]} is out of range; the model has "
@@ -35,8 +36,6 @@ def freeze(model: nn.Module, layers: list[int] | None, patterns: list[str] | Non
 
 def train_only(model: nn.Module, prefixes: list[str], keep_head: bool = True) -> int:
     """Leave trainable only parameters under the given module prefixes (and the head)."""
-    from taoke.models.task_model import get_head
-
     head = {id(p) for p in get_head(model).parameters()} if keep_head else set()
     count = 0
     for name, p in model.named_parameters():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from taoke.errors import RecipeError
 from taoke.models.task_model import build_head, head_io, set_head
 from taoke.recipe import InsertHidden
 
@@ -17,8 +16,6 @@ def replace_head(model: nn.Module, outputs: int) -> dict:
 
 
 def insert_hidden(model: nn.Module, outputs: int, cfg: InsertHidden) -> dict:
-    if any(u <= 0 for u in cfg.units):
-        raise RecipeError("edits.insert_hidden.units must be positive integers")
     in_f, _ = head_io(model)
     set_head(model, build_head(in_f, outputs, cfg.units, cfg.dropout, cfg.activation))
     return {"outputs": outputs, "hidden": list(cfg.units), "dropout": cfg.dropout, "activation": cfg.activation}

@@ -9,30 +9,11 @@ import re
 from torch import nn
 
 from taoke.errors import RecipeError
-from taoke.models.task_model import HFClassifier
+from taoke.models.parts import find_stack, unwrap
 
 # Output projections of a residual block: zeroing them makes a pre-norm block the identity.
 OUTPUT_PROJECTIONS = re.compile(r"(^|\.)(o_proj|down_proj|out_proj|linear2|c_proj|attention\.output\.dense|"
                                 r"output\.dense|dense_4h_to_h|fc2|wo)$")
-STACK_PATHS = ("encoder.layer", "layers", "h", "transformer.layer", "encoder.layers", "model.layers",
-               "transformer.h", "encoder.encoder.layers")
-
-
-def find_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """(owner, attribute, blocks) of the main layer stack of a model."""
-    root = model.hf.base_model if isinstance(model, HFClassifier) else model
-    for path in STACK_PATHS:
-        owner, parts = root, path.split(".")
-        try:
-            for part in parts[:-1]:
-                owner = getattr(owner, part)
-            stack = getattr(owner, parts[-1])
-        except AttributeError:
-            continue
-        if isinstance(stack, nn.ModuleList) and len(stack):
-            return owner, parts[-1], stack
-    raise RecipeError(f"{type(root).__name__} has no transformer layer stack to edit "
-                      "(layer edits need a transformer: an HF model or scratch:transformer).")
 
 
 def check_indices(indices: list[int], n: int, key: str) -> None:
@@ -44,11 +25,10 @@ def check_indices(indices: list[int], n: int, key: str) -> None:
 def _sync_config(model: nn.Module, origin: list[int], arch_config: dict) -> None:
     """Tell the config about the new depth; origin[i] is the old index that new layer i came from."""
     n = len(origin)
-    hf = model.hf if isinstance(model, HFClassifier) else model
-    config = getattr(hf, "config", None)
+    config = getattr(unwrap(model), "config", None)
     if config is not None and hasattr(config, "num_hidden_layers"):  # any transformers model
         config.num_hidden_layers = n
-        for i, block in enumerate(find_stack(model)[2]):  # KV caches index layers by position
+        for i, block in enumerate(find_stack(model).blocks):  # KV caches index layers by position
             for m in block.modules():
                 if hasattr(m, "layer_idx"):
                     m.layer_idx = i
@@ -71,10 +51,10 @@ def kept_layers(keep: list[int] | None, every: int | None, n: int) -> list[int]:
 
 
 def drop_layers(model: nn.Module, keep: list[int] | None, every: int | None, arch_config: dict) -> dict:
-    owner, attr, stack = find_stack(model)
+    stack = find_stack(model)
     n = len(stack)
     keep = kept_layers(keep, every, n)
-    setattr(owner, attr, nn.ModuleList([stack[i] for i in keep]))
+    stack.replace([stack.blocks[i] for i in keep])
     _sync_config(model, keep, arch_config)
     return {"layers_before": n, "kept": keep, "layers_after": len(keep)}
 
@@ -83,11 +63,11 @@ def expand_layers(model: nn.Module, after: list[int], arch_config: dict) -> tupl
     """Insert a copy of block i after block i, with its output projections zeroed.
 
     Returns the record and the parameter-name prefixes of the new blocks (for `train_only_new`)."""
-    owner, attr, stack = find_stack(model)
+    stack = find_stack(model)
     n = len(stack)
     check_indices(after, n, "expand_layers.after")
     blocks, new_positions, origin = [], [], []
-    for i, block in enumerate(stack):
+    for i, block in enumerate(stack.blocks):
         blocks.append(block)
         origin.append(i)
         if i in after:
@@ -105,8 +85,8 @@ def expand_layers(model: nn.Module, after: list[int], arch_config: dict) -> tupl
             new_positions.append(len(blocks))
             blocks.append(new)
             origin.append(i)
-    setattr(owner, attr, nn.ModuleList(blocks))
+    stack.replace(blocks)
     _sync_config(model, origin, arch_config)
-    prefixes = [f"{attr}.{p}." for p in new_positions]
+    prefixes = [f"{stack.attr}.{p}." for p in new_positions]
     return {"layers_before": n, "inserted_after": sorted(after), "new_positions": new_positions,
             "layers_after": len(blocks)}, prefixes

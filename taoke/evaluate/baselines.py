@@ -14,19 +14,18 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from transformers import AutoModel
 
 from taoke.evaluate.metrics import classification_metrics, regression_metrics
+from taoke.models.task_model import mean_pool
+from taoke.models.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
 def encoder_embeddings(model_dir, text_sets: list[list[str]], max_length: int, batch_size: int = 64) -> list[np.ndarray]:
     """Frozen sentence embeddings (mean pooling + L2 norm, as sentence-transformers encoders are used) for
     each list of texts, loading the encoder once."""
-    from transformers import AutoModel, AutoTokenizer
-
-    from taoke.models.task_model import _mean_pool
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     enc = AutoModel.from_pretrained(model_dir).eval()
     results = []
     for texts in text_sets:
@@ -36,7 +35,7 @@ def encoder_embeddings(model_dir, text_sets: list[list[str]], max_length: int, b
             idx = order[s:s + batch_size]
             batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
-            e = _mean_pool(enc(**batch).last_hidden_state, batch["attention_mask"])
+            e = mean_pool(enc(**batch).last_hidden_state, batch["attention_mask"])
             e = torch.nn.functional.normalize(e, dim=-1).numpy()
             if emb is None:
                 emb = np.zeros((len(texts), e.shape[1]), dtype=np.float32)

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from taoke.utils import atomic_path  # noqa: E402
+from taoke.files import atomic_path  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -50,3 +50,37 @@ def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[
         lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
     lines.append("")
     return "\n".join(lines)
+
+
+def render_lm_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[str], reference: str,
+                     base_scores: dict, derived_scores: dict, hist, parity: dict) -> str:
+    """report.md of a language-model run: scores on the same held-out examples, parity, sample generations."""
+    same = sum(g["identical"] for g in parity.get("generations", []))
+    lines = [f"# {lineage['name']}", "", f"- task: {lineage['task']}",
+             f"- base: {lineage['base']['name']} ({lineage['base']['source']})",
+             f"- adaptation: {lineage['adaptation'].get('method')} "
+             f"({lineage['adaptation'].get('trainable_params') or 0:,} trainable parameters)",
+             f"- edits: {', '.join(e['op'] for e in lineage['edits']) or 'none'}",
+             f"- examples: {lineage['data']['rows']}",
+             f"- training: {len(hist.steps)} steps, {hist.seconds:.1f} s, {hist.tokens_per_s:.0f} non-padding tokens/s, "
+             f"{hist.precision}"
+             + (" (decoder layers compiled with torch.compile; the time includes compiling)" if hist.compiled else ""),
+             f"- parity of the saved model (reloaded {parity.get('reloaded', 'with plain transformers')}) with the "
+             f"trained one: passed, max logit difference {parity['max_logit_diff']:.2e} (tolerance "
+             f"{parity['tolerance']:.2e}), {same}/{len(parity.get('generations', []))} greedy generations identical",
+             "",
+             f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
+    lines += comparison_table(rows, metrics, reference)
+    if any(e["op"] == "expand_vocab" for e in lineage["edits"]):
+        lines += ["", "The vocabulary was expanded: each model's loss is per token of its own tokenizer, so "
+                      "the derived model predicts fewer, longer tokens where the new ones occur."]
+    samples_b, samples_d = base_scores.get("samples") or [], derived_scores.get("samples") or []
+    if samples_d:
+        lines += ["", "## Sample generations (held-out prompts, greedy)", ""]
+        for b, d in zip(samples_b or [None] * len(samples_d), samples_d):
+            lines += [f"**prompt:** {d.get('prompt', '')}", "",
+                      f"- reference: {d.get('reference', '')}",
+                      f"- {reference}: {b.get('prediction', '') if b else ''}",
+                      f"- derived: {d.get('prediction', '')}", ""]
+    lines += ["", "![loss](plots/loss.png)", ""]
+    return "\n".join(lines)

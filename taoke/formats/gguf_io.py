@@ -9,7 +9,9 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
 
 from taoke.formats.base import TensorMeta, WeightReader
 
@@ -34,8 +36,6 @@ def _field(reader, key, default=None):
 
 
 def _fast_reader_class():
-    import gguf
-
     class _PlainArrayReader(gguf.GGUFReader):
         # gguf-py slices a np.memmap thousands of times; memmap's per-slice bookkeeping makes opening a 100 MB
         # file take seconds. A plain ndarray view of the same mapping reads the same bytes without it.
@@ -86,8 +86,6 @@ class GGUFWeightReader(WeightReader):
         self.config["tie_word_embeddings"] = "output.weight" not in self._meta
 
     def _read(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
-
         t = self._by_name[name]
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self._meta[name].shape)
         if np.may_share_memory(w, t.data):  # float32 storage comes back as a view of the mapping

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from taoke.errors import ModelError
 from taoke.formats.base import TensorMeta, WeightReader
 
 
@@ -33,10 +34,6 @@ class OnnxReader(WeightReader):
     format = "onnx"
 
     def __init__(self, path: Path):
-        try:
-            import onnx
-        except ImportError as e:  # pragma: no cover - onnx is a dependency
-            raise ModelError("reading .onnx needs the 'onnx' package: pip install onnx") from e
         super().__init__(path)
         model = onnx.load(str(path), load_external_data=False)
         g = model.graph
@@ -89,8 +86,6 @@ class OnnxReader(WeightReader):
             self._meta[key] = TensorMeta(key, shape, storage)
 
     def _array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
         return numpy_helper.to_array(self._inits[name], base_dir=self._base_dir)
 
     def _read(self, name: str) -> np.ndarray:

@@ -7,6 +7,11 @@ from pathlib import Path
 
 from taoke.errors import ModelError
 from taoke.formats.base import WeightReader
+from taoke.formats.gguf_io import GGUFWeightReader
+from taoke.formats.onnx_io import OnnxReader
+from taoke.formats.safetensors_io import SafetensorsReader
+from taoke.formats.torch_io import TorchReader
+from taoke.library import BaseRef, resolve
 
 
 def _read_tokens(model_dir: Path) -> list[str] | None:
@@ -32,16 +37,12 @@ def _read_tokens(model_dir: Path) -> list[str] | None:
 def _reader_for_file(path: Path) -> WeightReader:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from taoke.formats.safetensors_io import SafetensorsReader
         return SafetensorsReader([path])
     if suffix == ".gguf":
-        from taoke.formats.gguf_io import GGUFWeightReader
         return GGUFWeightReader(path)
     if suffix == ".onnx":
-        from taoke.formats.onnx_io import OnnxReader
         return OnnxReader(path)
     if suffix in (".bin", ".pt", ".pth"):
-        from taoke.formats.torch_io import TorchReader
         return TorchReader([path])
     raise ModelError(f"{path}: unsupported weight file type '{suffix}'")
 
@@ -54,11 +55,9 @@ def _reader_for_dir(d: Path) -> WeightReader:
                          "derivation. Verify the merged model: derive with adapt.merge: true, or merge the adapter "
                          "into its base first.")
     if list(d.glob("*.safetensors")):
-        from taoke.formats.safetensors_io import SafetensorsReader
         return SafetensorsReader.from_dir(d)
     bins = sorted(d.glob("pytorch_model*.bin")) or sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
     if bins:
-        from taoke.formats.torch_io import TorchReader
         return TorchReader(bins)
     for pattern in ("*.gguf", "*.onnx"):
         files = sorted(d.glob(pattern))
@@ -69,8 +68,6 @@ def _reader_for_dir(d: Path) -> WeightReader:
 
 def open_weights(ref) -> WeightReader:
     """Open a model reference (str, Path or BaseRef) for tensor-by-tensor reading."""
-    from taoke.library import BaseRef, resolve
-
     base = ref if isinstance(ref, BaseRef) else resolve(str(ref))
     if base.path is None:
         raise ModelError(f"'{base.name}' is a from-scratch architecture: it has no weights to read")

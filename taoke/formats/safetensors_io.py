@@ -14,10 +14,11 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from taoke.errors import ModelError
+from taoke.files import atomic_path
 from taoke.formats.base import TensorMeta, WeightReader
-from taoke.utils import atomic_path
 
 _NOT_WEIGHTS = {"I64", "I32", "I16", "BOOL", "U64", "U32", "U16"}
 _MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header (safetensors rejects larger ones)
@@ -25,8 +26,6 @@ _MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header (safeten
 
 def _torch_dtype(name: str):
     """Storage dtype name -> torch dtype (torch knows bf16 and fp8, numpy does not); None when unsupported."""
-    import torch
-
     table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I8": torch.int8, "U8": torch.uint8, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
              "F8_E5M2": getattr(torch, "float8_e5m2", None)}
@@ -92,8 +91,6 @@ class SafetensorsReader(WeightReader):
         return cls(sorted(d.glob("*.safetensors")))
 
     def _read(self, name: str) -> np.ndarray:
-        import torch
-
         f, offset, length = self._where[name]
         meta = self._meta[name]
         dtype = _torch_dtype(meta.dtype)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from taoke.errors import ModelError
 from taoke.formats.base import TensorMeta, WeightReader
 
 
 def _flatten(obj, prefix: str = "") -> dict:
-    import torch
-
     out = {}
     if isinstance(obj, torch.Tensor):
         out[prefix.rstrip(".")] = obj
@@ -26,10 +25,8 @@ class TorchReader(WeightReader):
     format = "torch"
 
     def __init__(self, files: list[Path]):
-        import torch
-
         super().__init__(files[0])
-        self._tensors: dict[str, "torch.Tensor"] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
         for f in files:
             try:
                 # mmap keeps tensors on disk until read; weights_only refuses arbitrary pickled code.

@@ -1,4 +1,4 @@
-"""The model library: turn a model reference (library name, HF dir, run dir, weight file) into a BaseRef."""
+"""The model library: turn a model reference (library name, hf:/file:/run:/pkg: source, path) into a BaseRef."""
 
-from taoke.library.resolve import BaseRef, resolve, list_models, weight_files  # noqa: F401
-from taoke.library.registry import add_model, load_registry  # noqa: F401
+from taoke.library.registry import load_registry, registry_path  # noqa: F401
+from taoke.library.resolve import BaseRef, add_model, card_metadata, list_models, resolve, weight_files  # noqa: F401

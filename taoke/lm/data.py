@@ -26,7 +26,7 @@ NAMED_TEMPLATES = {
 
 # ---------------------------------------------------------------------------------------------- readers
 
-def _jsonl(path: Path):
+def jsonl_records(path: Path):
     """(line number, object) per non-blank line of a JSONL file."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -53,7 +53,7 @@ def _records(path: str | Path):
         for i, obj in enumerate(data):
             yield f"{path}: record {i}", obj
     else:
-        for n, obj in _jsonl(path):
+        for n, obj in jsonl_records(path):
             yield f"{path}:{n}", obj
 
 
@@ -155,6 +155,30 @@ def read_dpo_pairs(path: str | Path) -> list[dict]:
     if not pairs:
         raise DataError(f"{path}: no pairs")
     return pairs
+
+
+def read_prompts(path: str | Path) -> list[list[dict]]:
+    """Prompts JSONL: {"prompt": str}, {"messages": [...]}, {"instruction", "input"} or a bare JSON string per line."""
+    prompts = []
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    for n, obj in jsonl_records(path):
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            prompts.append([{"role": "user", "content": obj["prompt"]}])
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            msgs = [m for m in obj["messages"] if isinstance(m, dict)]
+            if msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]  # complete the last user turn, not the reference answer
+            prompts.append(msgs)
+        elif isinstance(obj, dict) and isinstance(obj.get("instruction"), str):
+            inp = obj.get("input") or ""
+            prompts.append([{"role": "user", "content": obj["instruction"] + (f"\n\n{inp}" if inp else "")}])
+        else:
+            raise DataError(f"{path}:{n}: expected 'prompt', 'messages' or 'instruction'")
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------- tokenizing

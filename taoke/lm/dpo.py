@@ -13,19 +13,17 @@ import math
 import time
 from contextlib import nullcontext
 
-
 import torch
 import torch.nn.functional as F
 
-from taoke.errors import RecipeError
 from taoke.lm.data import encode_dpo
 from taoke.lm.fast_lora import FastLoraForward
 from taoke.lm.loss import body_and_head, shifted_targets, token_logprobs
 from taoke.lm.pack import padded_batch
-from taoke.lm.train import LMHistory, LMTrainConfig, adapt_lm, model_device
+from taoke.lm.train import LMHistory, model_device
+from taoke.recipe import LMConfig, TrainConfig
+from taoke.train.core import make_optimizer, make_scheduler, optimizer_step, total_steps, trainable
 from taoke.train.precision import autocast, autocast_dtype
-
-
 
 
 def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[dict]:
@@ -61,39 +59,35 @@ def _reference(model, batch):
         return sequence_logprobs(model, batch)
 
 
-def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] | None, cfg: dict | LMTrainConfig,
-              beta: float = 0.1, on_step=None) -> LMHistory:
-    """Train on encoded pairs (encode_pairs); returns LMHistory (steps with loss, reward_acc; evals)."""
-    cfg = LMTrainConfig.from_dict(cfg)
+def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm: LMConfig, *,
+              eval_pairs: list[dict] | None = None, on_step=None) -> LMHistory:
+    """Train an adapted model on encoded pairs (encode_pairs); returns LMHistory (steps with loss, reward_acc)."""
     if not train_pairs:
-        raise RecipeError("no DPO pairs")
-    torch.manual_seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model, record = adapt_lm(model, cfg)
+        raise ValueError("no DPO pairs")
+    torch.manual_seed(train.seed)
+    if train.threads:
+        torch.set_num_threads(train.threads)
     peft = hasattr(model, "disable_adapter")
     device = model_device(model)
-    dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * cfg.seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    n = cfg.batch_size
+    dtype = autocast_dtype(train.precision, device, model, train.batch_size * lm.seq_len)
+    pad_id = tokenizer.pad_token_id
+    n = train.batch_size
     groups = [train_pairs[i:i + n] for i in range(0, len(train_pairs), n)]
     ref_cache = None
     if not peft:  # full/freeze: reference log-probs now, before any update (no second model in memory)
         model.eval()
         ref_cache = [_reference(model, _pair_batch(g, pad_id, device)) for g in groups]
-    total_steps = cfg.max_steps or max(1, math.ceil(len(groups) * cfg.epochs / cfg.grad_accum))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    from transformers import get_scheduler
-
-    sched = get_scheduler(cfg.scheduler, opt, int(cfg.warmup_ratio * total_steps), total_steps)
-    hist = LMHistory(adaptation={**record, "beta": beta})
+    n_steps = total_steps(train, math.ceil(len(groups) / train.grad_accum))
+    params = trainable(model)
+    opt = make_optimizer(model, train)
+    sched = make_scheduler(opt, train, n_steps)
+    hist = LMHistory(precision="bf16" if dtype is not None else "fp32")
     model.train()
     start, gi = time.perf_counter(), 0
     with FastLoraForward(model):  # the reference pass (adapters disabled, no autocast) keeps PEFT's forward
-        for step in range(1, total_steps + 1):
+        for step in range(1, n_steps + 1):
             losses, accs, margins = [], [], []
-            for _ in range(cfg.grad_accum):
+            for _ in range(train.grad_accum):
                 k = gi % len(groups)
                 gi += 1
                 batch = _pair_batch(groups[k], pad_id, device)
@@ -101,13 +95,13 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] 
                 ref = ref_cache[k] if ref_cache is not None else _reference(model, batch)
                 with autocast(device, dtype):
                     pol = sequence_logprobs(model, batch)
-                loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], beta)
-                (loss / cfg.grad_accum).backward()
-                losses.append(float(loss)); accs.append(acc); margins.append(margin)
+                loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], lm.beta)
+                (loss / train.grad_accum).backward()
+                losses.append(float(loss))
+                accs.append(acc)
+                margins.append(margin)
                 hist.tokens += int(batch["attention_mask"].sum())
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, sched, params, train.max_grad_norm)
             row = {"step": step, "loss": sum(losses) / len(losses), "reward_acc": sum(accs) / len(accs),
                    "margin": sum(margins) / len(margins), "lr": sched.get_last_lr()[0]}
             hist.steps.append(row)
@@ -115,7 +109,7 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], eval_pairs: list[dict] 
                 on_step(row)
     hist.seconds = time.perf_counter() - start
     if eval_pairs:
-        hist.evals.append({"step": total_steps, **evaluate_dpo(model, tokenizer, eval_pairs, beta)})
+        hist.evals.append({"step": n_steps, **evaluate_dpo(model, tokenizer, eval_pairs, lm.beta)})
     model.eval()
     hist.model = model
     return hist
@@ -128,7 +122,7 @@ def evaluate_dpo(model, tokenizer, pairs: list[dict], beta: float = 0.1,
     the DPO loss and reward accuracy against the adapter-free reference."""
     model.eval()
     device = model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     wins, total, losses, raccs = 0, 0, [], []
     for i in range(0, len(pairs), batch_size):
         g = pairs[i:i + batch_size]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 
@@ -38,8 +39,6 @@ class _CastOnce:
 
 def _plain_lora(layer: nn.Module) -> str | None:
     """The adapter name when `layer` is a PEFT LoRA Linear this forward computes exactly, else None."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
     if type(layer) is not LoraLinear or layer.fan_in_fan_out:  # merged/disabled: checked on each call
         return None
     if len(layer.active_adapters) != 1 or type(layer.base_layer) is not nn.Linear:

@@ -16,12 +16,14 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from taoke.errors import ModelError
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TAOKE_CACHE", Path.home() / ".cache" / "taoke")).expanduser()
+from taoke.files import cache_root
+from taoke.hardware import pick_device
+from taoke.library import BaseRef, resolve
+from taoke.models.tokenizer import load_tokenizer
 
 
 def _gguf_cache_dir(gguf: Path) -> Path:
@@ -32,8 +34,6 @@ def _gguf_cache_dir(gguf: Path) -> Path:
 
 def _dequantize_gguf_to_dir(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF causal LM once and write it as a plain HF directory, atomically (rename of a temp dir)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     src = dict(pretrained_model_name_or_path=gguf.parent, gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(**src)
     quantized = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
@@ -62,13 +62,15 @@ def _dequantize_gguf_to_dir(gguf: Path, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def plain_model_dir(ref: str | os.PathLike) -> Path:
-    """The HF directory to load for a model reference; GGUF files are converted once into the cache."""
-    from taoke.library import resolve
+def _as_base(ref: str | os.PathLike | BaseRef) -> BaseRef:
+    return ref if isinstance(ref, BaseRef) else resolve(str(ref))
 
-    base = resolve(str(ref))
+
+def plain_model_dir(ref: str | os.PathLike | BaseRef) -> Path:
+    """The HF directory to load for a model reference; GGUF files are converted once into the cache."""
+    base = _as_base(ref)
     if base.path is None:
-        raise ModelError(f"{ref}: a from-scratch architecture is not a pretrained causal LM")
+        raise ModelError(f"{base.name}: a from-scratch architecture is not a pretrained causal LM")
     if base.format == "gguf" or (base.path.is_file() and base.path.suffix.lower() == ".gguf"):
         target = _gguf_cache_dir(base.path)
         if not (target / "config.json").exists():
@@ -76,32 +78,19 @@ def plain_model_dir(ref: str | os.PathLike) -> Path:
         return target
     model_dir = base.model_dir
     if not (model_dir / "config.json").exists():
-        raise ModelError(f"{ref}: {model_dir} has no config.json; a causal LM must be an HF directory or a GGUF file")
+        raise ModelError(f"{base.name}: {model_dir} has no config.json; a causal LM must be an HF directory or a "
+                         "GGUF file")
     return model_dir
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _adapter_dir(ref: str | os.PathLike) -> Path | None:
-    """The model directory of a run saved as an adapter only (adapter_config.json, no config.json), else None."""
-    from taoke.library import resolve
-
-    try:
-        model_dir = resolve(str(ref)).model_dir
-    except Exception:  # noqa: BLE001 - not a directory reference: the plain path reports it
-        return None
-    if model_dir is None or (model_dir / "config.json").exists() or not (model_dir / "adapter_config.json").exists():
-        return None
-    return model_dir
+def adapter_only(model_dir: Path | None) -> bool:
+    """A run saved as an adapter only: adapter_config.json and no config.json."""
+    return model_dir is not None and (model_dir / "adapter_config.json").is_file() and \
+        not (model_dir / "config.json").is_file()
 
 
 def load_adapter_run(model_dir: Path, device=None, dtype=None):
     """Base (named in taoke.json) + the saved LoRA/DoRA adapter, merged in memory; the run's own tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     meta = model_dir / "taoke.json"
     try:
         base_ref = json.loads(meta.read_text())["adapter"]["base"]
@@ -109,7 +98,7 @@ def load_adapter_run(model_dir: Path, device=None, dtype=None):
         raise ModelError(f"{meta}: cannot tell which base this adapter belongs to ({err}); the run's "
                          "model/taoke.json must name it under adapter.base") from err
     model, _ = load_causal_lm(base_ref, device=device, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         # the run added tokens: their rows are in the adapter (trainable tokens); make room for them
         model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -118,10 +107,10 @@ def load_adapter_run(model_dir: Path, device=None, dtype=None):
     except (RuntimeError, ValueError, KeyError) as err:
         raise ModelError(f"{model_dir}: the adapter does not fit its base {base_ref} ({str(err)[:200]}); "
                          "runs that change the architecture must be saved merged (adapt.merge: true)") from err
-    return model.to(device or default_device()), _with_pad(tok)
+    return model.to(pick_device(device)), tok
 
 
-def load_causal_lm(ref: str | os.PathLike, device: str | torch.device | None = None,
+def load_causal_lm(ref: str | os.PathLike | BaseRef, device: str | torch.device | None = None,
                    dtype: torch.dtype | None = None):
     """(model, tokenizer) for a library name, HF dir, run dir or GGUF file; the model is plain and trainable.
 
@@ -129,23 +118,13 @@ def load_causal_lm(ref: str | os.PathLike, device: str | torch.device | None = N
     trainable master weights on every device; training autocasts to bf16 where the hardware runs it
     natively. Pass torch.bfloat16 for inference-only use on a GPU.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    device = torch.device(device) if device is not None else default_device()
-    adapter_dir = _adapter_dir(ref)
-    if adapter_dir is not None:
-        return load_adapter_run(adapter_dir, device, dtype)
-    model_dir = plain_model_dir(ref)
+    base = _as_base(ref)
+    if adapter_only(base.model_dir):
+        return load_adapter_run(base.model_dir, device, dtype)
+    model_dir = plain_model_dir(base)
     config = AutoConfig.from_pretrained(model_dir)
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" not in archs and "LMHead" not in archs:
-        raise ModelError(f"{ref}: '{archs or config.model_type}' is not a causal language model")
-    dtype = dtype or torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    return model, _with_pad(AutoTokenizer.from_pretrained(model_dir))
-
-
-def _with_pad(tok):
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token  # causal LMs often ship without one; padding is always masked out
-    return tok
+        raise ModelError(f"{base.name}: '{archs or config.model_type}' is not a causal language model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).to(pick_device(device))
+    return model, load_tokenizer(model_dir)

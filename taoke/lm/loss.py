@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from taoke.lm.data import IGNORE
+from taoke.models.parts import unwrap
 
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (32M floats = 128 MB): big enough for fast matmuls
 
@@ -91,11 +92,6 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
 
 
 # ---------------------------------------------------------------------------------------------- model glue
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers *ForCausalLM under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
 
 def body_and_head(model: torch.nn.Module):
     """(decoder body returning last_hidden_state, lm_head module) of a transformers causal LM."""

@@ -19,25 +19,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import TrainableTokensWrapper
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from taoke.errors import ModelError
-from taoke.lm.loss import unwrap
+from taoke.models.parts import unwrap
 
 
 class ParityError(ModelError):
     """The saved model does not behave like the in-memory one."""
-
-
-def _lora_layer_types():
-    from peft.tuners.lora import LoraLayer
-
-    return (LoraLayer,)
-
-
-def _token_wrapper_types():
-    from peft.utils.other import TrainableTokensWrapper
-
-    return (TrainableTokensWrapper,)
 
 
 def _merged_weight(layer) -> torch.Tensor:
@@ -57,7 +49,7 @@ def _merged_weight(layer) -> torch.Tensor:
 
 def merged_state(model, dtype: torch.dtype | None = None):
     """(name, tensor) pairs of the plain transformers model, adapters merged, tied tensors once."""
-    lora_types, token_types = _lora_layer_types(), _token_wrapper_types()
+    lora_types, token_types = (LoraLayer,), (TrainableTokensWrapper,)
     lm = unwrap(model)
     seen: set[int] = set()
     skip_prefixes: list[str] = []
@@ -103,8 +95,6 @@ def _cast(t: torch.Tensor, dtype) -> torch.Tensor:
 def save_merged(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
                 shard_mb: int = 200) -> Path:
     """Write a merged, plain HF model directory (safetensors shards, config, tokenizer, generation config)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -186,8 +176,6 @@ def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new
                  load=None) -> dict:
     """Reload `saved_dir` with plain transformers (or `load(dir)`, e.g. base + adapter) and compare it with
     the in-memory model; raise ParityError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     saved_dir = Path(saved_dir)
     problems = []
     tok2 = AutoTokenizer.from_pretrained(saved_dir)
@@ -205,7 +193,7 @@ def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new
 
     was_training = model.training
     model.eval()
-    report = {"prompts": len(prompts), "max_logit_diff": 0.0, "generations": []}
+    report = {"prompts": len(prompts), "max_logit_diff": 0.0, "tolerance": 0.0, "generations": []}
     try:
         for p in prompts:
             msgs = [{"role": "user", "content": p}] if isinstance(p, str) else p
@@ -223,6 +211,7 @@ def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new
             diff = float((a - b).abs().max())
             tol = _tolerance(saved_dtype, float(a.abs().max()))
             report["max_logit_diff"] = max(report["max_logit_diff"], diff)
+            report["tolerance"] = max(report["tolerance"], tol)
             if diff > tol:
                 problems.append(f"logits differ on {p!r}: max |diff| {diff:.3g} > {tol:.3g}")
             kw = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -245,5 +234,4 @@ def parity_check(saved_dir: str | Path, model, tokenizer, prompts: list, max_new
             model.train()
     if problems:
         raise ParityError(f"{saved_dir}: saved model does not match the trained model:\n  - " + "\n  - ".join(problems))
-    report["ok"] = True
     return report

@@ -10,18 +10,25 @@ loads them (`AutoModelForSequenceClassification`) whenever the head is the stock
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
-from taoke import __version__
+from taoke.version import __version__
 from taoke.errors import ModelError, RecipeError
-from taoke.models.scratch import ScratchModel, build_scratch
-from taoke.utils import atomic_path, write_json_atomic
+from taoke.files import atomic_path, write_json_atomic
+from taoke.library import resolve
+from taoke.models import scratch
+from taoke.models.scratch import build_scratch
+from taoke.models.tokenizer import load_tokenizer
 
 HEAD_ATTRS = ("classifier", "score", "head")
 META_FILE = "taoke.json"
@@ -41,15 +48,15 @@ class HFClassifier(nn.Module):
     def features(self, **inputs) -> torch.Tensor:
         """The pooled vector the head reads (used for probes and diagnostics)."""
         out = self.hf.base_model(**{k: v for k, v in inputs.items() if k != "labels"})
-        return _mean_pool(out.last_hidden_state, inputs["attention_mask"])
+        return mean_pool(out.last_hidden_state, inputs["attention_mask"])
 
 
-def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(h.dtype)
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def _head_owner(model: nn.Module) -> tuple[nn.Module, str]:
+def head_owner(model: nn.Module) -> tuple[nn.Module, str]:
     owner = model.hf if isinstance(model, HFClassifier) else model
     for attr in HEAD_ATTRS:
         if isinstance(getattr(owner, attr, None), nn.Module):
@@ -58,12 +65,12 @@ def _head_owner(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def get_head(model: nn.Module) -> nn.Module:
-    owner, attr = _head_owner(model)
+    owner, attr = head_owner(model)
     return getattr(owner, attr)
 
 
 def set_head(model: nn.Module, head: nn.Module) -> None:
-    owner, attr = _head_owner(model)
+    owner, attr = head_owner(model)
     setattr(owner, attr, head)
 
 
@@ -100,15 +107,11 @@ def apply_head_spec(model: nn.Module, spec: dict | None) -> None:
 
 def scratch_kwargs(arch: str, recipe_cfg: dict, derived: dict) -> dict:
     """Merge recipe sizes with data-derived ones, rejecting unknown keys by name."""
-    from taoke.models import scratch as S
-
-    cls = {"cnn": S.CNN, "mlp": S.MLP, "lstm": S.RNNClassifier, "gru": S.RNNClassifier,
-           "transformer": S.TransformerClassifier}[arch]
+    cls = {"cnn": scratch.CNN, "mlp": scratch.MLP, "lstm": scratch.RNNClassifier, "gru": scratch.RNNClassifier,
+           "transformer": scratch.TransformerClassifier}[arch]
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_outputs", "cell")]
     for key in recipe_cfg:
         if key not in allowed:
-            import difflib
-
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean 'model.{close[0]}'?" if close else ""
             raise RecipeError(f"unknown key 'model.{key}' for scratch:{arch}.{hint} Valid: {', '.join(allowed)}.")
@@ -118,8 +121,6 @@ def scratch_kwargs(arch: str, recipe_cfg: dict, derived: dict) -> dict:
 
 def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, regression: bool,
                        dropout: float | None = None) -> HFClassifier:
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     config = AutoConfig.from_pretrained(path)
     config.num_labels = num_labels
     if labels:
@@ -133,8 +134,6 @@ def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, re
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = getattr(config, "eos_token_id", None) or 0
     # The fresh head is expected to be missing from the base; silence transformers' warning about it.
-    from transformers.utils import logging as hf_logging
-
     hf_level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -186,13 +185,9 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
     meta = read_meta(model_dir)
     tokenizer = None
     if meta["arch"] == "hf" and meta.get("adapter") and not meta["adapter"]["merged"]:
-        from transformers import AutoTokenizer
-
         model = load_adapter_model(model_dir, meta)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
     elif meta["arch"] == "hf":
-        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
         config = AutoConfig.from_pretrained(model_dir)
         model = HFClassifier(AutoModelForSequenceClassification.from_config(config))
         apply_head_spec(model, meta.get("head"))
@@ -205,15 +200,13 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
         if real_missing or unexpected:
             raise ModelError(f"{model_dir}: weights do not match the architecture "
                              f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}).")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
     else:
         arch = meta["arch"].split(":", 1)[1]
         model = build_scratch(arch, meta["num_outputs_base"], meta["arch_config"])
         apply_head_spec(model, meta.get("head"))
         model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
         if (model_dir / "tokenizer.json").exists():
-            from transformers import PreTrainedTokenizerFast
-
             tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model.to(device).eval()
     return model, meta, tokenizer
@@ -221,10 +214,6 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
 
 def load_adapter_model(adapter_dir: Path, meta: dict) -> HFClassifier:
     """The base (as recorded at derive time) with the LoRA/DoRA adapter in `adapter_dir` applied."""
-    from peft import PeftModel
-
-    from taoke.library import resolve
-
     base = resolve(meta["adapter"]["base"])
     if base.format == "run":
         model, _, _ = load_task_model(base.path)
@@ -233,14 +222,3 @@ def load_adapter_model(adapter_dir: Path, meta: dict) -> HFClassifier:
     apply_head_spec(model, meta.get("head"))
     model.hf = PeftModel.from_pretrained(model.hf, str(adapter_dir))
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return total, trainable
-
-
-__all__ = ["HFClassifier", "ScratchModel", "get_head", "set_head", "head_io", "build_head", "apply_head_spec",
-           "load_hf_classifier", "save_task_model", "load_task_model", "read_meta", "count_parameters",
-           "scratch_kwargs"]

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from taoke.utils import cpu_has_bf16
+from taoke.hardware import cpu_has_bf16
 
 # Below this size autocast's casts cost more than bf16 matmuls save on a CPU (measured on an 8x8 CNN).
 BF16_MIN_PARAMS = 5_000_000

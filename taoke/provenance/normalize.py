@@ -11,11 +11,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.numpy import save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from taoke.errors import ModelError
+from taoke.files import atomic_path, write_json_atomic
+from taoke.formats import open_weights
 from taoke.formats.base import WeightReader
-from taoke.lineage.canonical import CanonicalView, canonical_view
-from taoke.utils import atomic_path, write_json_atomic
+from taoke.provenance.canonical import CanonicalView, canonical_view
 
 LLAMA_NAMES = {
     "embed": "model.embed_tokens.weight",
@@ -82,16 +86,11 @@ def llama_state_dict(reader: WeightReader, view: CanonicalView) -> dict[str, np.
     return sd
 
 
-def _probe_ids(vocab: int, n: int = 24) -> "torch.Tensor":  # noqa: F821
-    import torch
-
+def _probe_ids(vocab: int, n: int = 24) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(1, n)))
 
 
-def reference_logits(cfg: dict, sd: dict) -> "torch.Tensor":  # noqa: F821
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def reference_logits(cfg: dict, sd: dict) -> torch.Tensor:
     model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and cfg["tie_word_embeddings"])]
@@ -103,12 +102,6 @@ def reference_logits(cfg: dict, sd: dict) -> "torch.Tensor":  # noqa: F821
 
 def normalize(src, dst: str | Path) -> dict:
     """Write DST (model.safetensors + config.json + tokenizer files) and check its logits; return a report."""
-    import torch
-    from safetensors.numpy import save_file
-    from transformers import AutoModelForCausalLM
-
-    from taoke.formats import open_weights
-
     dst = Path(dst)
     if dst.exists() and any(dst.iterdir()):
         raise ModelError(f"{dst} exists and is not empty; choose a new output directory")

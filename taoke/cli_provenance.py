@@ -7,16 +7,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from taoke.errors import ModelError
-from taoke.library import resolve
-
-
-def _ref(ref: str):
-    base = resolve(ref)  # raises ModelError with a clear message for unknown references
-    if base.path is None:
-        raise ModelError(f"'{ref}' is a from-scratch architecture with no weights; give a model with weights")
-    return base
+from taoke.provenance.diff import diff
+from taoke.provenance.normalize import normalize
+from taoke.provenance.tree import lineage_report
+from taoke.provenance.verify import summary_lines, verify_references, weights_of
 
 
 def _print_json(obj) -> None:
@@ -29,28 +26,21 @@ def register(app: typer.Typer) -> None:
                    b: str = typer.Argument(..., help="the model to check"),
                    as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Test from the weights whether B derives from A (or both share an ancestor)."""
-        from taoke.lineage.verify import summary_lines, verify
-
-        res = verify(_ref(a), _ref(b))
+        res = verify_references(a, b)
         if as_json:
-            _print_json(res.to_dict())
+            _print_json(res)
             return
         typer.echo(f"A = {a}\nB = {b}")
         for line in summary_lines(res):
             typer.echo(line)
-        typer.echo(f"({res.seconds:.1f} s)")
+        typer.echo(f"({res['seconds']:.1f} s)")
 
     @app.command("diff")
     def diff_cmd(a: str = typer.Argument(..., help="first model"), b: str = typer.Argument(..., help="second model"),
                  out: Optional[Path] = typer.Option(None, "--out", help="write diff.json and diff_heatmap.png here"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Per-layer similarity table, heatmap and what changed between A and B."""
-        from rich.console import Console
-        from rich.table import Table
-
-        from taoke.lineage.diff import diff
-
-        report = diff(_ref(a), _ref(b), out)
+        report = diff(weights_of(a), weights_of(b), out)
         if as_json:
             _print_json(report)
             return
@@ -70,9 +60,7 @@ def register(app: typer.Typer) -> None:
     def normalize_cmd(src: str = typer.Argument(..., help="checkpoint with renamed tensors"),
                       dst: Path = typer.Argument(..., help="new directory for the canonical checkpoint")) -> None:
         """Rewrite a checkpoint under its family's canonical names and config; check identical logits."""
-        from taoke.lineage.normalize import normalize
-
-        rep = normalize(_ref(src), dst)
+        rep = normalize(weights_of(src), dst)
         typer.echo(f"wrote {rep['output']} ({rep['family']}, {rep['tensors']} tensors, "
                    f"{len(rep['renamed'])} renamed); logits on a {rep['probe_tokens']}-token probe: "
                    f"max |diff| = {rep['max_abs_logit_diff']:.3g}")
@@ -82,8 +70,6 @@ def register(app: typer.Typer) -> None:
                     out: Optional[Path] = typer.Option(None, "--out", help="write JSON, mermaid and PNG here"),
                     as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Scan a folder, verify claimed and unclaimed relations, and draw the family tree."""
-        from taoke.lineage.tree import lineage_report
-
         tree = lineage_report(directory, out)
         if as_json:
             _print_json(tree)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from taoke.lineage.normalize import LLAMA_NAMES, llama_config, llama_state_dict
-from taoke.utils import atomic_path, write_json_atomic
+from taoke.provenance.normalize import LLAMA_NAMES, llama_config, llama_state_dict
+from taoke.files import atomic_path, write_json_atomic
 
-DIALOGS = Path(__file__).resolve().parents[2] / "data" / "chatterbot" / "dialogs.jsonl"
+DIALOGS = Path(__file__).resolve().parents[1] / "data" / "chatterbot" / "dialogs.jsonl"
 
 
 def _save_hf(d: Path, sd: dict, cfg: dict, tokenizer_from: Path | None = None) -> Path:
@@ -48,7 +48,7 @@ def smollm2_hf(root: Path) -> Path:
     from transformers import AutoTokenizer
 
     from taoke.formats import open_weights
-    from taoke.lineage.canonical import canonical_view
+    from taoke.provenance.canonical import canonical_view
     from taoke.library import resolve
 
     base = resolve("smollm2-135m")

@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+import gguf
+
 from taoke.formats.base import WeightReader
 
 # gguf MODEL_TENSOR name -> our role (per-layer roles and global ones).
@@ -93,8 +95,6 @@ def _layer_of(name: str) -> int | None:
 def _gguf_maps() -> list:
     """Name maps for block 0 only: gguf-py lists every name of every block, so maps for a 1000-layer model
     would take ~2 million entries (340 MB, 4 s); names are looked up with their layer number set to 0."""
-    import gguf
-
     return [(arch.lower(), gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch), 1))
             for arch in _CANDIDATE_ARCHS if getattr(gguf.MODEL_ARCH, arch, None) is not None]
 

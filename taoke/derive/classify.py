@@ -1,43 +1,48 @@
-"""`taoke derive`: recipe -> base -> data -> edits -> adaptation -> train -> evaluate vs base -> run dir.
+"""The classification / regression workflow: data -> model + edits + adaptation -> train -> evaluate derived
+AND base on the same test split -> the run directory.
 
-Read top to bottom; each stage calls one module. Everything that can fail on user input (recipe,
-base, data, edits) runs before the run directory is created.
+Read top to bottom; each stage calls one module. Everything that can fail on user input (base, data,
+edits) runs before the run directory is created.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import shutil
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from rich.console import Console
+from rich.table import Table
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from taoke.adapt.methods import adapt
 from taoke.data.encode import encode_frame, targets_of, text_column, to_target_units
 from taoke.data.image import augment as augment_images
 from taoke.data.prepare import TASK_INPUT, DataPlan, prepare_data
+from taoke.data.tabular import feature_names
 from taoke.data.text import train_word_tokenizer
+from taoke.derive.card import model_card
+from taoke.derive.record import build_lineage
 from taoke.edit import EditResult, apply_edits, apply_post_adapt
 from taoke.errors import ModelError, RecipeError
 from taoke.evaluate import baselines
-from taoke.evaluate.metrics import (CLASSIFICATION_METRICS, REGRESSION_METRICS, confusion, metrics_from_outputs)
+from taoke.evaluate.metrics import confusion, metrics_from_outputs
 from taoke.evaluate.plots import comparison_png, confusion_png, curves_png
 from taoke.evaluate.report import render_report
-from taoke.library import BaseRef, resolve
-from taoke.lineage.card import model_card
-from taoke.lineage.record import build_lineage
+from taoke.files import sha256_bytes
+from taoke.library import BaseRef
 from taoke.models.scratch import build_scratch
-from taoke.models.task_model import (HFClassifier, head_io, load_hf_classifier, load_task_model,
-                                     read_meta, save_task_model, scratch_kwargs)
-from taoke.recipe import Recipe, load_recipe, recipe_to_yaml
-from taoke.runs import complete, running
-from taoke.train.loop import fit, predict, seed_everything
-from taoke.utils import sha256_bytes, write_json_atomic, write_text_atomic
+from taoke.models.task_model import (HFClassifier, head_io, load_hf_classifier, load_task_model, save_task_model,
+                                     scratch_kwargs)
+from taoke.models.tokenizer import load_tokenizer
+from taoke.recipe import CLASSIFICATION_METRICS, REGRESSION_METRICS, Augment, Recipe, recipe_to_yaml
+from taoke.run import Run
+from taoke.train.checkpoint import checkpoint_position
+from taoke.train.classifier import fit, predict
+from taoke.train.core import seed_everything
 
 console = Console(stderr=True)
 
@@ -55,25 +60,20 @@ class Built:
     edited: EditResult
 
 
-def check_task(recipe: Recipe, base: BaseRef) -> None:
+def check_base(recipe: Recipe, base: BaseRef) -> None:
     """Fail early, naming the base, when its architecture cannot do the task."""
-    if recipe.task in ("causal-lm", "sft", "dpo"):
-        parent_task = (base.extra.get("lineage") or {}).get("task") if base.is_run else None
-        if base.kind not in ("causal-lm", "task-model") or (base.is_run and parent_task not in ("causal-lm", "sft", "dpo")):
-            raise ModelError(f"base '{base.name}' is not a causal language model; {recipe.task} needs one "
-                             "(e.g. smollm2-135m, an HF causal-LM directory, or a run of such a model).")
-        return
     kind = TASK_INPUT[recipe.task]
+    if recipe.model and not base.is_scratch:
+        raise RecipeError("'model' sizes apply to from-scratch bases only; remove the model: block.")
     if base.is_scratch:
         if base.name not in SCRATCH_FOR[kind]:
             raise ModelError(f"base '{base.name}' cannot do {recipe.task}: use one of "
                              f"{', '.join(sorted(SCRATCH_FOR[kind]))}.")
         return
     if base.format == "run":
-        meta = base.extra.get("taoke") or read_meta(base.path)
-        parent_kind = TASK_INPUT.get(meta.get("task"), "?")
+        parent_kind = TASK_INPUT.get(base.meta.get("task"), "?")
         if parent_kind != kind:
-            raise ModelError(f"base '{base.name}' is a {meta.get('task')} model; it cannot be derived into "
+            raise ModelError(f"base '{base.name}' is a {base.meta.get('task')} model; it cannot be derived into "
                              f"{recipe.task} (its inputs are {parent_kind}, the task needs {kind}).")
         return
     if kind != "text":
@@ -82,6 +82,9 @@ def check_task(recipe: Recipe, base: BaseRef) -> None:
     if base.format != "hf":
         raise ModelError(f"base '{base.name}' is a single {base.format} file; text classification needs an "
                          "HF-format directory (config.json + weights + tokenizer). Convert it or point to its folder.")
+    if base.kind == "causal-lm":
+        raise ModelError(f"base '{base.name}' is a causal language model; {recipe.task} takes an encoder "
+                         "(e.g. minilm-l6) or a from-scratch architecture.")
 
 
 def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
@@ -106,8 +109,6 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
             derived = {"in_channels": inputs["channels"], "image_size": inputs["size"],
                        "in_features": inputs["channels"] * inputs["size"] ** 2}
         else:
-            from taoke.data.tabular import feature_names
-
             derived = {"in_features": len(feature_names(inputs["params"]))}
         cfg = scratch_kwargs(arch, dict(recipe.model), derived)
         if recipe.train.dropout is not None:
@@ -129,18 +130,10 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
         head_spec = parent_meta.get("head")
         arch_name, arch_cfg = parent_meta["arch"], parent_meta.get("arch_config", {})
         num_outputs_base = parent_meta.get("num_outputs_base", outputs)
-        if recipe.model:
-            raise RecipeError("'model' sizes apply to from-scratch bases only; remove the model: block.")
     else:
-        from transformers import AutoTokenizer
-
         model = load_hf_classifier(base.path, outputs, plan.labels, regression, recipe.train.dropout)
-        tokenizer = AutoTokenizer.from_pretrained(base.path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer = load_tokenizer(base.path)
         arch_name, arch_cfg, num_outputs_base = "hf", {}, outputs
-        if recipe.model:
-            raise RecipeError("'model' sizes apply to from-scratch bases only; remove the model: block.")
 
     _, current_out = head_io(model)
     if not labels_changed and current_out != outputs:
@@ -151,22 +144,6 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
             "labels": plan.labels, "label_column": plan.spec["label_column"], "inputs": plan.spec["inputs"],
             "target_scale": plan.spec.get("target_scale"), "head": edited.head_spec}
     return Built(model, tokenizer, meta, edited.records, edited)
-
-
-def new_run_dir(recipe: Recipe, out: str | None) -> Path:
-    if out:
-        path = Path(out)
-        if path.exists() and any(path.iterdir()):
-            raise RecipeError(f"--out {out}: directory exists and is not empty; choose a new one.")
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / f"{recipe.name}-{stamp}"
-        n = 1
-        while path.exists():
-            path = Path("runs") / f"{recipe.name}-{stamp}-{n}"
-            n += 1
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: torch.Tensor) -> tuple[list, list]:
@@ -216,42 +193,8 @@ def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: t
     return rows, notes
 
 
-def check_resumable(run_dir: Path, overrides: list[str] | None, out: str | None) -> Path:
-    """A run can resume when it has its recipe and a checkpoint and is not complete."""
-    if overrides or out:
-        raise RecipeError("--resume continues a run exactly as it was: drop --set and --out.")
-    if not (run_dir / "recipe.yaml").exists():
-        raise RecipeError(f"{run_dir}: not a taoke run directory (no recipe.yaml).")
-    if (run_dir / "lineage.json").exists():
-        raise RecipeError(f"{run_dir}: run is already complete; nothing to resume.")
-    if not (run_dir / "checkpoints" / "last.pt").exists():
-        raise RecipeError(f"{run_dir}: no checkpoint yet (killed before the first one); start it again instead.")
-    return run_dir / "recipe.yaml"
-
-
-def truncate_metrics(run_dir: Path) -> None:
-    """Drop metrics logged after the checkpoint being resumed from; they will be logged again."""
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
-    step, epoch = state["loop"]["step"], state["loop"]["epoch"]
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the kill
-        if (row.get("type") == "step" and row["step"] <= step) or (row.get("type") == "epoch" and row["epoch"] < epoch):
-            keep.append(line)
-    write_text_atomic(path, "".join(k + "\n" for k in keep))
-
-
 def cross_validate(recipe: Recipe, base: BaseRef, plan: DataPlan, quiet: bool) -> dict:
     """k-fold cross-validation over the non-test rows: a fresh model per fold, scored on its held-out fold."""
-    import pandas as pd
-    from sklearn.model_selection import KFold, StratifiedKFold
-
     pool = pd.concat([plan.splits["train"], plan.splits.get("validation", plan.splits["train"].iloc[:0])],
                      ignore_index=True)
     k = recipe.k_fold
@@ -283,8 +226,6 @@ def cross_validate(recipe: Recipe, base: BaseRef, plan: DataPlan, quiet: bool) -
 
 def describe(recipe: Recipe, base: BaseRef, built: Built, adaptation: dict, plan: DataPlan) -> None:
     """--dry-run: the resulting architecture, parameter counts and what changed; nothing is trained or written."""
-    from rich.table import Table
-
     c = Console()
     c.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task} (dry run; nothing trained or written)")
     c.print(f"data rows: {plan.rows()}; outputs: {len(plan.labels) if plan.labels else 1}")
@@ -301,22 +242,14 @@ def describe(recipe: Recipe, base: BaseRef, built: Built, adaptation: dict, plan
         c.print("edit: " + ", ".join(f"{k}={v}" for k, v in e.items()))
 
 
-def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None = None,
-           quiet: bool = False, dry_run: bool = False, resume: str | None = None) -> Path | None:
-    # 1. recipe and base: all checks before anything is written
-    if resume:
-        recipe_path = str(check_resumable(Path(resume), overrides, out))
-    recipe, _ = load_recipe(recipe_path, overrides)
-    base = resolve(recipe.base)
-    check_task(recipe, base)
-    if recipe.task in ("causal-lm", "sft", "dpo"):
-        from taoke.lm.pipeline import derive_lm  # LM tasks have their own pipeline
-
-        return derive_lm(recipe, base, out, quiet=quiet, dry_run=dry_run)
-    # 2. data
+def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, quiet: bool = False,
+                      dry_run: bool = False, resume: Run | None = None) -> Run | None:
+    """Train and judge a classifier/regressor as the recipe says; returns the complete run (None for a dry run)."""
+    check_base(recipe, base)
+    # 1. data
     seed_everything(recipe.train.seed)  # model init (new heads, scratch weights) is seeded too
     plan = prepare_data(recipe)
-    # 3. model + structure edits + adaptation
+    # 2. model + structure edits + adaptation
     built = build_model(recipe, base, plan)
     adaptation = adapt(built.model, recipe.adapt)
     apply_post_adapt(built.model, built.edited)
@@ -324,39 +257,32 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
     if adaptation["trainable_params"] == 0:
         raise RecipeError("the edits and adaptation leave no trainable parameters.")
     if recipe.adapt.method in ("lora", "dora"):
-        built.meta["adapter"] = {"method": recipe.adapt.method, "merged": recipe.adapt.merge,
-                                 "base": base.name if base.source.startswith(("package:", "hub:")) or
-                                 base.source == "scratch" else str(base.run_dir or base.path)}
+        built.meta["adapter"] = {"method": recipe.adapt.method, "merged": recipe.adapt.merge, "base": base.reference}
     if dry_run:
         return describe(recipe, base, built, adaptation, plan)
     regression = plan.regression
     metric_names = list(REGRESSION_METRICS) if regression else \
         [m for m in recipe.eval.metrics if m in CLASSIFICATION_METRICS] or ["accuracy", "macro_f1"]
-    unknown = [m for m in recipe.eval.metrics if m not in CLASSIFICATION_METRICS + REGRESSION_METRICS]
-    if unknown:
-        raise RecipeError(f"eval.metrics: unknown metric '{unknown[0]}'. Known: "
-                          f"{', '.join(CLASSIFICATION_METRICS + REGRESSION_METRICS)}.")
     if "test" not in plan.splits or not len(plan.splits["test"]):
         raise RecipeError("no test split: set data.split.test > 0 or data.test to a file.")
     encoded = {k: encode_frame(v, built.meta, built.tokenizer) for k, v in plan.splits.items()}
 
-    # 4. run directory (from here on, a failure leaves status.json saying so)
-    run_dir = Path(resume) if resume else new_run_dir(recipe, out)
+    # 3. run directory (from here on, a failure leaves status.json saying so)
+    run = resume or Run.create(recipe.name, out)
     recipe_yaml = recipe_to_yaml(recipe)
     if resume:
-        truncate_metrics(run_dir)
-    write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
-    write_json_atomic(run_dir / "splits.json", {"source": recipe.data.train, "rows": plan.row_index})
-    with running(run_dir) as log:
+        position = checkpoint_position(run.checkpoint_dir)
+        run.truncate_metrics(position["step"], position["epoch"])
+    run.write_recipe(recipe_yaml)
+    run.write_json("splits.json", {"source": recipe.data.train, "rows": plan.row_index})
+    with run.running() as log:
         total, trainable = adaptation["total_params"], adaptation["trainable_params"]
         console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; rows {plan.rows()}; "
                       f"trainable {trainable:,} / {total:,} params")
-        # 5. train
+        # 4. train
         aug_cfg = built.meta["inputs"].get("augment")
         augment = None
         if aug_cfg:
-            from taoke.recipe import Augment
-
             a = Augment(**aug_cfg)
             augment = lambda b: {**b, "pixel_values": augment_images(b["pixel_values"], a)}  # noqa: E731
         units = lambda x: to_target_units(x, built.meta)  # noqa: E731
@@ -364,10 +290,10 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
                                  if not isinstance(v, dict)}
         result = fit(built.model, encoded["train"], encoded.get("validation"), recipe.train, regression=regression,
                      evaluate=evaluate, augment=augment, on_epoch=lambda r: log({"type": "epoch", **r}),
-                     on_step=lambda r: log({"type": "step", **r}), checkpoint_dir=run_dir / "checkpoints",
-                     resume=bool(resume), quiet=quiet)
+                     on_step=lambda r: log({"type": "step", **r}), checkpoint_dir=run.checkpoint_dir,
+                     resume=resume is not None, quiet=quiet)
         cv = cross_validate(recipe, base, plan, quiet) if recipe.k_fold else None
-        # 6. evaluate derived and base on the same test split
+        # 5. evaluate derived and base on the same test split
         test_out = predict(built.model, encoded["test"], recipe.eval.batch_size)
         derived = metrics_from_outputs(units(test_out), units(encoded["test"].targets), regression, plan.labels,
                                        per_class=True)
@@ -377,11 +303,10 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
         reference = base_rows[0][0] if base_rows else None
         log({"type": "test", "derived": rows[-1][1], **{name: m for name, m in base_rows}})
 
-        # 7. plots
-        plots_dir = run_dir / "plots"
-        plots = []
+        # 6. plots
+        plots_dir = run.path / "plots"
+        plots = ["curves.png"]
         curves_png(result.history, plots_dir / "curves.png", f"{recipe.name}: training curves")
-        plots.append("curves.png")
         if not regression:
             cm = confusion(encoded["test"].targets.numpy(), test_out.argmax(-1).numpy(), len(plan.labels))
             confusion_png(cm, plan.labels, plots_dir / "confusion_derived.png", "derived model, test split")
@@ -389,11 +314,11 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
         comparison_png(rows, metric_names, plots_dir / "comparison.png", "base vs derived (test split)")
         plots.append("comparison.png")
 
-        # 8. model, lineage, card, report
+        # 7. model, then lineage, card and report
         # HF's base_model_relation: an unmerged LoRA is an adapter; a merged one is a fine-tune of one base.
         relation = "adapter" if "adapter" in built.meta and not recipe.adapt.merge else "finetune"
         lineage = build_lineage(
-            name=recipe.name, run_id=run_dir.name, task=recipe.task, base=base, relation=relation,
+            name=recipe.name, run_id=run.name, task=recipe.task, base=base, relation=relation,
             edits=built.edits, adaptation=adaptation,
             data={"files": plan.files, "rows": plan.rows(), "columns": {"text": recipe.data.text,
                   "label": recipe.data.label}, "preprocess": recipe.preprocess,
@@ -402,45 +327,13 @@ def derive(recipe_path: str, out: str | None = None, overrides: list[str] | None
             metrics={"derived": rows[-1][1], "derived_per_class": derived.get("per_class"), "k_fold": cv,
                      **{name: m for name, m in base_rows}, "reference": reference},
             license=base.license if not base.is_scratch else None)
-        save_task_model(built.model.cpu(), run_dir / "model", built.meta, built.tokenizer)
+        save_task_model(built.model.cpu(), run.model_dir, built.meta, built.tokenizer)
         library = "transformers" if isinstance(built.model, HFClassifier) and not built.meta.get("head") else "taoke"
-        write_text_atomic(run_dir / "model" / "README.md", model_card(lineage, rows, metric_names, library))
         fit_info = {"epochs_run": len(result.history), "seconds": result.seconds, "precision": result.precision,
                     "samples_per_s": result.samples_per_s, "best_epoch": result.best_epoch, "monitor": result.monitor}
-        write_text_atomic(run_dir / "report.md", render_report(
-            lineage=lineage, rows=rows, metrics=metric_names, reference=reference, notes=notes,
-            per_class=derived.get("per_class"), fit=fit_info, plots=plots, k_fold=cv))
-        complete(run_dir, lineage)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # only needed while the run can be resumed
-        print_table(rows, metric_names, reference)
-        console.print(f"run directory: [bold]{run_dir}[/]")
-        return run_dir
-
-
-def print_table(rows: list[tuple[str, dict]], metrics: list[str], reference: str | None) -> None:
-    from rich.table import Table
-
-    table = Table(title="test split: base vs derived")
-    table.add_column("model")
-    for m in metrics:
-        table.add_column(m, justify="right")
-    for name, m in rows:
-        table.add_row(name, *[f"{m[k]:.4f}" if k in m else "-" for k in metrics])
-    ref = dict(rows).get(reference) if reference else None
-    if ref:
-        d = dict(rows)["derived"]
-        # a metric only the derived model has (e.g. DPO loss against its own reference) has no delta
-        table.add_row(f"delta vs {reference}", *[f"{d[k] - ref[k]:+.4f}" if k in d and k in ref else "-"
-                                                 for k in metrics], style="bold")
-    Console().print(table)
-
-
-# Quieter transformers by default: its per-load warnings are noise for CLI users.
-logging.getLogger("transformers").setLevel(logging.ERROR)
-try:
-    from transformers.utils import logging as _hf_logging
-
-    _hf_logging.disable_progress_bar()
-except ImportError:  # pragma: no cover
-    pass
-np.seterr(all="ignore")
+        report = render_report(lineage=lineage, rows=rows, metrics=metric_names, reference=reference, notes=notes,
+                               per_class=derived.get("per_class"), fit=fit_info, plots=plots, k_fold=cv)
+        run.finish(lineage=lineage, card=model_card(lineage, rows, metric_names, library), report=report,
+                   rows=rows, metrics=metric_names, reference=reference, quiet=quiet)
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only needed while the run can be resumed
+    return run

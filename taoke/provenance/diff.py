@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from taoke.lineage.verify import VerifyResult, verify
-from taoke.utils import atomic_path, write_json_atomic
+import matplotlib
+
+from taoke.files import atomic_path, write_json_atomic
+from taoke.provenance.verify import VerifyResult, verify
 
 
 def heatmap(res: VerifyResult, path: Path) -> Path:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the headless backend
 
     L = res.layer_matrix
     fig, ax = plt.subplots(figsize=(6, 5))

@@ -8,21 +8,21 @@ derived is flagged as an undisclosed shell, and a claim the weights contradict i
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
-import yaml
+import matplotlib
 
 from taoke.errors import TaokeError
-from taoke.library import resolve
-from taoke.lineage.verify import verify
-from taoke.utils import atomic_path, write_json_atomic, write_text_atomic
+from taoke.library import card_metadata, resolve
+from taoke.run import Run
+from taoke.provenance.verify import verify
+from taoke.files import atomic_path, write_json_atomic, write_text_atomic
 
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".bin", ".pt", ".pth")
 
 
 def _is_model_dir(d: Path) -> bool:
-    return (d / "config.json").exists() or ((d / "lineage.json").exists() and (d / "model").is_dir()) or \
+    return (d / "config.json").exists() or Run.is_run(d) or \
         any(p.suffix in _WEIGHT_SUFFIXES for p in d.iterdir() if p.is_file())
 
 
@@ -44,34 +44,21 @@ def find_models(root: Path, depth: int = 3) -> list[Path]:
     return found
 
 
-def _front_matter(readme: Path) -> dict:
-    text = readme.read_text(errors="replace") if readme.exists() else ""
-    if text.startswith("---"):
-        end = text.find("\n---", 3)
-        if end > 0:
-            try:
-                return yaml.safe_load(text[3:end]) or {}
-            except yaml.YAMLError:
-                return {}
-    return {}
-
-
 def claimed_bases(path: Path) -> list[str]:
     """Bases a model says it is built on (lineage.json first, then the model card)."""
     d = path if path.is_dir() else path.parent
     claims: list[str] = []
-    lj = d / "lineage.json"
-    if lj.exists():
+    if Run.is_run(d):
         try:
-            base = json.loads(lj.read_text()).get("base")
-        except json.JSONDecodeError:
+            base = Run(d).lineage.get("base")
+        except TaokeError:
             base = None
         if isinstance(base, dict):
             claims += [str(base[k]) for k in ("name", "source", "path") if base.get(k)][:1]
         elif isinstance(base, str):
             claims.append(base)
-    for card in (d / "README.md", d / "model" / "README.md"):
-        bm = _front_matter(card).get("base_model")
+    for card_dir in (d, d / "model"):
+        bm = card_metadata(card_dir).get("base_model")
         if isinstance(bm, str):
             claims.append(bm)
         elif isinstance(bm, list):
@@ -161,10 +148,8 @@ def mermaid(tree: dict) -> str:
 
 
 def draw(tree: dict, path: Path) -> Path:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the headless backend
 
     ids = [n["id"] for n in tree["nodes"]]
     depth = {i: 0 for i in ids}

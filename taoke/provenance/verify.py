@@ -29,9 +29,13 @@ import numpy as np
 import torch
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
+from threadpoolctl import threadpool_limits
 
+from taoke.errors import ModelError
+from taoke.formats import open_weights
 from taoke.formats.base import WeightReader
-from taoke.lineage.canonical import MATRIX_ROLES, NORM_ROLES, READ_ROLES, CanonicalView, Slot, canonical_view
+from taoke.library import BaseRef, resolve
+from taoke.provenance.canonical import MATRIX_ROLES, NORM_ROLES, READ_ROLES, CanonicalView, Slot, canonical_view
 
 DERIVED_P = 1e-6       # below: the weights share an origin
 INDEPENDENT_P = 0.01   # above: no evidence of a shared origin
@@ -410,8 +414,6 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True, 
     threads=1 by default: the matrices are small, and on a shared laptop-class CPU multi-threaded BLAS
     waiting on a busy core made verify 5-10x slower in our measurements.
     """
-    from threadpoolctl import threadpool_limits
-
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -428,8 +430,6 @@ def _label(ref) -> str:
 
 
 def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
-    from taoke.formats import open_weights
-
     t0 = time.perf_counter()
     ra = a if isinstance(a, WeightReader) else open_weights(a)
     rb = b if isinstance(b, WeightReader) else open_weights(b)
@@ -645,7 +645,20 @@ def _no_evidence(a, b, va, vb, evidence, t0) -> VerifyResult:
                         [], [], va, vb, {}, [], evidence, time.perf_counter() - t0)
 
 
-def summary_lines(res: VerifyResult) -> list[str]:
-    """A few lines of human output explaining the verdict."""
-    head = f"verdict: {res.verdict}   p = {res.p_value:.3g}   relation: {res.relation}"
-    return [head] + [f"  - {e}" for e in res.evidence] + [f"  * {c}" for c in res.changes]
+def weights_of(ref: str | BaseRef) -> BaseRef:
+    """A reference that has weights to compare (a from-scratch architecture has none)."""
+    base = ref if isinstance(ref, BaseRef) else resolve(ref)
+    if base.path is None:
+        raise ModelError(f"'{base.name}' is a from-scratch architecture with no weights; give a model with weights")
+    return base
+
+
+def verify_references(a: str | BaseRef, b: str | BaseRef) -> dict:
+    """Does B derive from A? The object `taoke verify A B --json` prints: verdict, p_value, relation, layers, ..."""
+    return verify(weights_of(a), weights_of(b)).to_dict()
+
+
+def summary_lines(res: dict) -> list[str]:
+    """A few lines of human output explaining the verdict (from the result object)."""
+    head = f"verdict: {res['verdict']}   p = {res['p_value']:.3g}   relation: {res['relation']}"
+    return [head] + [f"  - {e}" for e in res["evidence"]] + [f"  * {c}" for c in res["changes"]]

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 
-from taoke import __version__
-from taoke.library.resolve import BaseRef, weight_files
-from taoke.utils import sha256_file
+from taoke.files import sha256_file
+from taoke.library import BaseRef, weight_files
+from taoke.run import Run
+from taoke.version import __version__
 
 SCHEMA = "taoke.lineage/1"
 
 
 def base_record(base: BaseRef) -> dict:
     weights = [{"path": str(p), "bytes": os.path.getsize(p), "sha256": sha256_file(p)} for p in weight_files(base)]
-    rec = {"name": base.name, "source": base.source, "format": base.format, "license": base.license,
-           "hub_id": base.hub_id, "weights": weights}
+    rec = {"name": base.name, "reference": base.reference, "source": base.source, "format": base.format,
+           "license": base.license, "hub_id": base.hub_id, "revision": base.revision, "weights": weights}
     if base.is_run:
-        lin = base.extra.get("lineage", {})
+        lin = base.lineage or {}
         rec["run"] = {"name": lin.get("name"), "dir": str(base.run_dir), "task": lin.get("task"),
-                      "lineage_sha256": sha256_file(base.run_dir / "lineage.json")}
+                      "lineage_sha256": Run(base.run_dir).lineage_sha256()}
     return rec
 
 
@@ -29,16 +28,16 @@ def parent_chain(base: BaseRef) -> list[dict]:
     """Ancestors nearest first: the parent run (if any), its parents, ..., ending at the first base."""
     if not base.is_run:
         return [] if base.is_scratch else [{"name": base.name, "source": base.source, "kind": "base"}]
-    lin = base.extra.get("lineage", {})
+    lin = base.lineage or {}
     me = {"name": lin.get("name"), "source": base.source, "kind": "run", "relation": lin.get("relation"),
-          "lineage_sha256": sha256_file(base.run_dir / "lineage.json")}
+          "lineage_sha256": Run(base.run_dir).lineage_sha256()}
     return [me] + list(lin.get("parents", []))
 
 
 def root_base(base: BaseRef) -> dict | None:
     """The first pretrained base up the chain (for the card's base_model when deriving from a run)."""
     if base.is_run:
-        return base.extra.get("lineage", {}).get("root_base")
+        return (base.lineage or {}).get("root_base")
     if base.is_scratch:
         return None
     return {"name": base.name, "hub_id": base.hub_id, "source": base.source, "license": base.license}
@@ -64,7 +63,3 @@ def build_lineage(*, name: str, run_id: str, task: str, base: BaseRef, relation:
         "root_base": root_base(base),
         "parents": parent_chain(base),
     }
-
-
-def read_lineage(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "lineage.json").read_text())

@@ -1,0 +1,53 @@
+"""`taoke derive`: load the recipe, resolve the base, and hand over to the workflow of the task family.
+
+    recipe.yaml -> base (model library) -> classification / regression workflow   (derive/classify.py)
+                                        -> language-model workflow                 (derive/language.py)
+Both end in a run directory written by taoke/run.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from taoke.derive.classify import derive_classifier
+from taoke.derive.language import derive_language_model
+from taoke.errors import RecipeError
+from taoke.library import resolve
+from taoke.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
+from taoke.run import Run
+
+
+def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str] | None = None,
+           out: str | Path | None = None, *, quiet: bool = False, dry_run: bool = False,
+           resume: str | Path | None = None) -> Run | None:
+    """Derive a task model as the recipe says and evaluate it against its base.
+
+    `recipe` is a YAML path, a Recipe or a mapping; `overrides` are `key=value` strings as `--set` takes them;
+    `resume` continues a killed run from its last checkpoint. Returns the complete Run (None for a dry run).
+    """
+    if (recipe is None) == (resume is None):
+        raise RecipeError("give a recipe to start a run, or resume=RUN to continue one")
+    run = None
+    if resume is not None:
+        if overrides or out:
+            raise RecipeError("--resume continues a run exactly as it was: drop --set and --out.")
+        run = Run.open(resume)
+        run.check_resumable()
+        recipe = run.recipe_path
+    if isinstance(recipe, Recipe):
+        if overrides:
+            raise RecipeError("overrides apply to a recipe file or mapping; change the Recipe object instead")
+        parsed = recipe
+    elif isinstance(recipe, dict):
+        parsed = recipe_from_dict(apply_overrides(copy.deepcopy(recipe), overrides or []))
+    else:
+        parsed = load_recipe(recipe, overrides)
+    base = resolve(parsed.base)
+    if base.is_run:
+        Run(base.run_dir).check_model_files()  # derive from the parent as it was recorded, or not at all
+    if parsed.is_lm:
+        if run is not None:
+            raise RecipeError(f"{run.path}: language-model runs cannot be resumed yet; start the run again.")
+        return derive_language_model(parsed, base, out, quiet=quiet, dry_run=dry_run)
+    return derive_classifier(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)
