@@ -15,3 +15,10 @@ class DataError(TaokeError):
 
 class ModelError(TaokeError):
     pass
+
+
+class FormatError(ModelError, DataError):
+    """Bytes that are not what their format says: the message names the file and what is wrong.
+
+    Both a ModelError and a DataError, so code that handles a bad model file or a bad data file handles a
+    malformed one too."""

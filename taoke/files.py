@@ -1,13 +1,17 @@
-"""File helpers shared by every stage: content hashes and atomic writes (temp file, then rename)."""
+"""File helpers shared by every stage: content hashes and atomic writes (temp file or directory, then rename)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import posixpath
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from taoke.errors import FormatError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -44,8 +48,42 @@ def cached_sha256(path: str | Path) -> str:
     return digest
 
 
+def contained_path(directory: Path, entry: object, source: Path, what: str) -> Path:
+    """`directory / entry` for a relative path read from `source`; refused unless it stays inside `directory`.
+
+    The check is on the path as written (no '..' out, not absolute), not on where symlinks lead: the HF cache
+    stores every file of a snapshot as a symlink into a shared blobs folder."""
+    if not isinstance(entry, str) or not entry or "\x00" in entry:
+        raise FormatError(f"{source}: {what} {str(entry)[:80]!r} is not a file name")
+    norm = posixpath.normpath(entry.replace("\\", "/"))
+    if norm.startswith(("/", "../")) or norm == ".." or (len(norm) > 1 and norm[1] == ":"):
+        raise FormatError(f"{source}: {what} {entry[:120]!r} points outside {directory}; taoke reads only files "
+                          "inside the model's own directory")
+    return Path(directory) / norm
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def _give_user_mode(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 (private temp files); a file we rename into place gets the mode any
+    file the user creates gets: 0666 (0777 for directories) less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextmanager
@@ -57,10 +95,29 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        _give_user_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_dir(path: str | Path):
+    """Yield an empty temp directory next to `path`; rename it to `path` only if the block succeeds, so a
+    failure never leaves a directory that looks complete. `path` must not exist (or be an empty directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        _give_user_mode(tmp, directory=True)
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        os.rename(tmp, path)  # fails (rather than merging) if something appeared at `path` meanwhile
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from taoke.errors import RecipeError
+from taoke.names import RULE as NAME_RULE, name_problem
 
 CLASSIFICATION_TASKS = ("text-classification", "image-classification", "tabular-classification",
                         "tabular-regression")
@@ -296,7 +297,7 @@ class LMConfig(Strict):
 
 class Recipe(Strict):
     """A derive run: which base, which task, which data, what changes, how it trains and is judged."""
-    name: str = field(doc="run name: letters, digits, '.', '_' and '-'")
+    name: str = field(doc=f"run name: {NAME_RULE}")
     base: str = field(doc="model reference: library name, hf:org/name[@rev], file:PATH, run:DIR, pkg:NAME, "
                           "an HF directory, a run directory or a weight file")
     task: Literal[TASKS] = field(doc="what the derived model does")  # type: ignore[valid-type]
@@ -315,8 +316,9 @@ class Recipe(Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not v or len(v) > 100 or not all(c.isalnum() or c in "._-" for c in v) or v.startswith("."):
-            raise ValueError("name must be 1-100 letters, digits, '.', '_' or '-', not starting with '.'")
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("preprocess")
@@ -431,7 +433,8 @@ def _explain(e: ValidationError, source: str) -> str:
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            got_s = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) and key else ""
+            shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:56] + "...'"  # a 10 kB value is no message
+            got_s = f" (got {shown})" if got is not None and not isinstance(got, (dict, list)) and key else ""
             lines.append(f"'{key}': {msg}{got_s}." if key else f"{msg}.")
     return f"{source}: " + " ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
 
