@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 import math
+import struct
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from taoke.errors import DataError
+from taoke.errors import DataError, FormatError
 from taoke.recipe import Augment
+
+
+_PILLOW_ERRORS = (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+                  ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
+
+
+def _decode(path, size: int | None, channels: int | None) -> np.ndarray:
+    with warnings.catch_warnings():
+        # past Pillow's warning size (~89M pixels) an image is refused, not decoded into gigabytes
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB") if channels else \
+                (im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
+            if size:
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.float32) / 255.0
 
 
 def load_images(items, size: int | None, channels: int | None) -> torch.Tensor:
@@ -19,14 +37,10 @@ def load_images(items, size: int | None, channels: int | None) -> torch.Tensor:
     for item in items:
         if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__"):
             try:
-                with Image.open(item) as im:
-                    im = im.convert("L" if channels == 1 else "RGB") if channels else \
-                        (im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy())
-                    if size:
-                        im = im.resize((size, size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"{item}: unreadable image ({e.__class__.__name__}). Remove or replace the file.") from None
+                arr = _decode(item, size, channels)
+            except _PILLOW_ERRORS as e:  # Pillow reports a corrupt file with any of these, depending on the codec
+                raise FormatError(f"{item}: unreadable image ({e.__class__.__name__}: {str(e)[:100]}). Remove or "
+                                  "replace the file.") from None
         else:
             arr = np.asarray(item, dtype=np.float32)
             if size and arr.shape[0] != size:

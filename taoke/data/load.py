@@ -18,7 +18,7 @@ import pandas as pd
 import sklearn.datasets as skd
 from datasets import load_dataset
 
-from taoke.errors import DataError
+from taoke.errors import DataError, FormatError
 from taoke.files import sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -96,14 +96,20 @@ def _load_csv(path: Path, delimiter: str) -> Table:
 
 
 def _load_json(path: Path) -> Table:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Re-save the file as UTF-8.") \
+            from None
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}).") from None
-        if not all(isinstance(r, dict) for r in rows):
+        except RecursionError:
+            raise FormatError(f"{path}: JSON nested too deeply to be a list of examples.") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path}: expected a JSON list of objects (one per example).")
         frame = pd.DataFrame(rows)
         return Table(frame, str(path), "json-array", [{"path": str(path), "sha256": sha256_file(path)}])
@@ -115,6 +121,8 @@ def _load_json(path: Path) -> Table:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}). Each line must be one JSON object.") from None
+        except RecursionError:
+            raise FormatError(f"{path}:{lineno}: JSON nested too deeply to be an example.") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
     return _load_with_datasets("json", path, "json")

@@ -1,37 +1,20 @@
-"""`open_weights(ref)`: a streaming reader for any model reference (library name, HF dir, run dir, weight file)."""
+"""`open_weights(ref)`: a streaming reader for any model reference (library name, HF dir, run dir, weight file),
+and `check_model_dir`, which vets an HF directory before transformers builds a model from it."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from taoke.errors import ModelError
+from transformers import AutoConfig, PretrainedConfig
+
+from taoke.errors import FormatError, ModelError
 from taoke.formats.base import WeightReader
 from taoke.formats.gguf_io import GGUFWeightReader
+from taoke.formats.hf_dir import check_config_sizes, index_shards, read_json_object, read_tokens, weight_bytes
 from taoke.formats.onnx_io import OnnxReader
-from taoke.formats.safetensors_io import SafetensorsReader
+from taoke.formats.safetensors_io import SafetensorsReader, read_header
 from taoke.formats.torch_io import TorchReader
 from taoke.library import BaseRef, resolve
-
-
-def _read_tokens(model_dir: Path) -> list[str] | None:
-    """Vocabulary (id -> token) from tokenizer.json or vocab.txt, for aligning shared tokens."""
-    tj = model_dir / "tokenizer.json"
-    if tj.exists():
-        try:
-            vocab = json.loads(tj.read_text()).get("model", {}).get("vocab")
-            added = json.loads(tj.read_text()).get("added_tokens", [])
-        except (json.JSONDecodeError, OSError):
-            vocab, added = None, []
-        if isinstance(vocab, dict):
-            ids = {int(i): t for t, i in vocab.items()}
-            ids.update({int(a["id"]): a["content"] for a in added if "id" in a})
-            n = max(ids) + 1 if ids else 0
-            return [ids.get(i, f"<unk:{i}>") for i in range(n)]
-    vt = model_dir / "vocab.txt"
-    if vt.exists():
-        return vt.read_text(encoding="utf-8", errors="replace").splitlines()
-    return None
 
 
 def _reader_for_file(path: Path) -> WeightReader:
@@ -50,10 +33,10 @@ def _reader_for_file(path: Path) -> WeightReader:
 def _reader_for_dir(d: Path) -> WeightReader:
     if (d / "adapter_config.json").exists() and not (d / "config.json").exists():
         # A PEFT adapter's low-rank matrices alone would look "independent" of everything: refuse instead.
-        base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        raise ModelError(f"{d} holds only a LoRA/DoRA adapter (for base {base!r}); its weights alone cannot show "
-                         "derivation. Verify the merged model: derive with adapt.merge: true, or merge the adapter "
-                         "into its base first.")
+        base = read_json_object(d / "adapter_config.json", "adapter_config.json").get("base_model_name_or_path")
+        raise ModelError(f"{d} holds only a LoRA/DoRA adapter (for base {str(base)[:200]!r}); its weights alone "
+                         "cannot show derivation. Verify the merged model: derive with adapt.merge: true, or merge "
+                         "the adapter into its base first.")
     if list(d.glob("*.safetensors")):
         return SafetensorsReader.from_dir(d)
     bins = sorted(d.glob("pytorch_model*.bin")) or sorted(d.glob("*.bin")) + sorted(d.glob("*.pt"))
@@ -66,21 +49,47 @@ def _reader_for_dir(d: Path) -> WeightReader:
     raise ModelError(f"{d}: no weight files (.safetensors, .bin, .pt, .gguf, .onnx) found")
 
 
+def check_model_dir(model_dir: str | Path) -> dict:
+    """Validate an HF directory before any library allocates a model from it: config.json a JSON object whose
+    sizes the weight files can hold, shard index entries inside the directory, every safetensors header sound.
+    Returns the config ({} without config.json)."""
+    model_dir = Path(model_dir)
+    cfg_file = model_dir / "config.json"
+    config = read_json_object(cfg_file, "config.json") if cfg_file.exists() else {}
+    shards = index_shards(model_dir)
+    for f in shards if shards is not None else sorted(model_dir.glob("*.safetensors")):
+        read_header(f)
+    stored = weight_bytes(model_dir)
+    if config and stored:
+        check_config_sizes(config, stored, cfg_file)
+    return config
+
+
+def hf_config(model_dir: str | Path) -> PretrainedConfig:
+    """transformers' config of a vetted HF directory (check_model_dir first); its parse errors name the file."""
+    check_model_dir(model_dir)
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise FormatError(f"{Path(model_dir) / 'config.json'}: transformers cannot read this config "
+                          f"({e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
 def open_weights(ref) -> WeightReader:
     """Open a model reference (str, Path or BaseRef) for tensor-by-tensor reading."""
     base = ref if isinstance(ref, BaseRef) else resolve(str(ref))
     if base.path is None:
         raise ModelError(f"'{base.name}' is a from-scratch architecture: it has no weights to read")
     p = Path(base.path)
-    reader = _reader_for_dir(p) if p.is_dir() else _reader_for_file(p)
+    try:
+        reader = _reader_for_dir(p) if p.is_dir() else _reader_for_file(p)
+    except OSError as e:  # symlink loops, permissions, files vanishing: name the file instead of a traceback
+        raise FormatError(f"{e.filename or p}: cannot be read ({e.strerror or e})") from None
     model_dir = p if p.is_dir() else p.parent
     cfg_file = model_dir / "config.json"
     if cfg_file.exists() and reader.format != "gguf":
-        try:
-            reader.config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{cfg_file}: invalid JSON ({e})") from e
+        reader.config = read_json_object(cfg_file, "config.json")
     if reader.tokens is None:
-        reader.tokens = _read_tokens(model_dir)
+        reader.tokens = read_tokens(model_dir)
     reader.ref = base
     return reader

@@ -10,18 +10,23 @@ the process holds one tensor at a time. The format is an 8-byte little-endian he
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from taoke.errors import ModelError
+from taoke.errors import FormatError
 from taoke.files import atomic_path
 from taoke.formats.base import TensorMeta, WeightReader
+from taoke.formats.hf_dir import index_shards
 
 _NOT_WEIGHTS = {"I64", "I32", "I16", "BOOL", "U64", "U32", "U16"}
 _MAX_HEADER = 100 * 2**20   # the format's own limit on the JSON header (safetensors rejects larger ones)
+# bytes per element of every dtype the format defines (what a header entry's data_offsets must span)
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+             "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 def _torch_dtype(name: str):
@@ -32,38 +37,63 @@ def _torch_dtype(name: str):
     return table.get(name)
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(f: Path, name: str, e, data_size: int) -> tuple[int, int]:
+    """(begin, end) of a header entry after checking its types, its shape against its byte span, and that the
+    span lies inside the data section."""
+    if not isinstance(e, dict):
+        raise FormatError(f"{f}: header entry {name[:80]!r} is a {type(e).__name__}, not an object")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise FormatError(f"{f}: tensor {name[:80]!r} has no dtype string (got {str(dtype)[:40]!r})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise FormatError(f"{f}: tensor {name[:80]!r} has shape {str(shape)[:80]}; a shape is a list of "
+                          "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1] <= data_size):
+        raise FormatError(f"{f}: tensor {name[:80]!r} lies outside the file (data_offsets {str(offsets)[:80]}, "
+                          f"data section of {data_size} bytes)")
+    size = _ITEMSIZE.get(dtype)
+    if size is not None:
+        need = math.prod(shape) * size   # Python ints: no overflow, whatever the header claims
+        if need != offsets[1] - offsets[0]:
+            raise FormatError(f"{f}: tensor {name[:80]!r} of shape {shape} {dtype} needs {need} bytes, the header "
+                              f"gives {offsets[1] - offsets[0]}")
+    return offsets[0], offsets[1]
+
+
 def read_header(f: Path) -> tuple[int, dict]:
-    """(offset of the data section, header entries without __metadata__). Raises ModelError when malformed."""
-    size = f.stat().st_size
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ModelError(f"{f}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise ModelError(f"{f}: invalid safetensors header length {n}")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelError(f"{f}: safetensors header is not valid JSON ({e})") from e
+    """(offset of the data section, header entries without __metadata__), every entry checked against the file:
+    types, shapes that match their byte spans, spans inside the file and not overlapping. FormatError otherwise."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise FormatError(f"{f}: too short to be a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                # the length itself is not shown: from a file that is not safetensors it is 8 of its bytes
+                raise FormatError(f"{f}: not a safetensors file (its header length field exceeds the file's "
+                                  f"{size} bytes or the format's 100 MB limit)")
+            raw = fh.read(n)
+    except OSError as e:
+        raise FormatError(f"{f}: cannot be read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{f}: safetensors header is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(header, dict):
-        raise ModelError(f"{f}: safetensors header is not a JSON object")
+        raise FormatError(f"{f}: safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    for name, e in header.items():
-        begin, end = e.get("data_offsets", (0, -1))
-        if not (0 <= begin <= end and 8 + n + end <= size):
-            raise ModelError(f"{f}: tensor {name!r} lies outside the file (offsets {begin}..{end})")
+    spans = sorted((*_check_entry(f, name, e, size - 8 - n), name) for name, e in header.items())
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise FormatError(f"{f}: tensors {a[:80]!r} and {b[:80]!r} overlap in the file")
     return 8 + n, header
-
-
-def _check_size(f: Path, name: str, entry: dict, length: int) -> None:
-    dtype = _torch_dtype(entry["dtype"])
-    if dtype is None:
-        return  # refused on read, with the dtype named
-    numel = int(np.prod(entry["shape"], dtype=np.int64))
-    if numel * dtype.itemsize != length:
-        raise ModelError(f"{f}: tensor {name!r} of shape {entry['shape']} {entry['dtype']} needs "
-                         f"{numel * dtype.itemsize} bytes, the header gives {length}")
 
 
 class SafetensorsReader(WeightReader):
@@ -78,29 +108,30 @@ class SafetensorsReader(WeightReader):
                 if e["dtype"] in _NOT_WEIGHTS:  # position ids, masks: integer buffers, not weights
                     continue
                 begin, end = e["data_offsets"]
-                _check_size(Path(f), name, e, end - begin)
                 self._meta[name] = TensorMeta(name, tuple(e["shape"]), str(e["dtype"]))
                 self._where[name] = (Path(f), start + begin, end - begin)
 
     @classmethod
     def from_dir(cls, d: Path) -> "SafetensorsReader":
-        index = d / "model.safetensors.index.json"
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return cls([d / s for s in shards])
-        return cls(sorted(d.glob("*.safetensors")))
+        """The shards the index names (each inside `d`), else every .safetensors file in `d`."""
+        shards = index_shards(d)
+        return cls(shards if shards is not None else sorted(d.glob("*.safetensors")))
 
     def _read(self, name: str) -> np.ndarray:
         f, offset, length = self._where[name]
         meta = self._meta[name]
         dtype = _torch_dtype(meta.dtype)
         if dtype is None:
-            raise ModelError(f"{f}: tensor {name!r} has unsupported dtype {meta.dtype}")
-        buf = np.empty(length, dtype=np.uint8)   # uninitialised: readinto fills every byte
-        with open(f, "rb") as fh:
-            fh.seek(offset)
-            if fh.readinto(buf) != length:
-                raise ModelError(f"{f}: tensor {name!r} is truncated")
+            raise FormatError(f"{f}: tensor {name!r} has unsupported dtype {meta.dtype[:20]!r}")
+        buf = np.empty(length, dtype=np.uint8)   # uninitialised: readinto fills every byte; length <= file size
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(offset)
+                got = fh.readinto(buf)
+        except OSError as e:
+            raise FormatError(f"{f}: cannot be read ({e.strerror or e})") from None
+        if got != length:
+            raise FormatError(f"{f}: tensor {name!r} is truncated (the file changed after it was opened)")
         t = torch.frombuffer(buf, dtype=dtype) if length else torch.empty(0, dtype=dtype)
         # float(): a no-op for F32 (the array shares `buf`), a widening copy for bf16/f16/int8.
         return t.reshape(meta.shape).float().numpy()

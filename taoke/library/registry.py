@@ -9,6 +9,7 @@ import yaml
 
 from taoke.errors import ModelError
 from taoke.files import write_text_atomic
+from taoke.names import name_problem
 
 
 def registry_path() -> Path:
@@ -17,6 +18,8 @@ def registry_path() -> Path:
 
 
 def load_registry() -> dict[str, dict]:
+    """name -> {path, format, license, description}. Names obey the name rule (so a name is never a path) and
+    paths are absolute, as `taoke models add` writes them: a hand-edited entry that breaks either is refused."""
     path = registry_path()
     if not path.exists():
         return {}
@@ -27,6 +30,13 @@ def load_registry() -> dict[str, dict]:
     if not isinstance(data, dict) or not all(isinstance(v, dict) and isinstance(v.get("path"), str)
                                              for v in data.values()):
         raise ModelError(f"{path}: expected a mapping of name -> {{path: ..., ...}}. Fix or delete the file.")
+    for name, entry in data.items():
+        problem = name_problem(name)
+        if problem:
+            raise ModelError(f"{path}: entry {str(name)[:60]!r}: {problem}. Rename or remove the entry.")
+        if not Path(entry["path"]).expanduser().is_absolute():
+            raise ModelError(f"{path}: entry '{name}' has the relative path {entry['path'][:100]!r}, which would mean "
+                             "a different model in every working directory. Give an absolute path.")
     return data
 
 

@@ -8,8 +8,9 @@ A reference may carry an explicit source prefix, which removes any ambiguity:
     run:DIR                  a taoke run directory
     pkg:NAME                 a built-in base from the registry package that ships it (never the hub)
 
-Without a prefix: a built-in or registered library name, `scratch:<arch>`, or a path. A reference that is
-both a library name and an existing path is refused with both candidates listed.
+Without a prefix: a built-in or registered library name, `scratch:<arch>`, or a path. A reference written as a
+path (with a '/', or starting with '.' or '~') is always that path: library names never contain '/'. A bare word
+that is both a library name and an existing path is refused with both candidates listed.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.repocard import metadata_load
 
-from taoke.errors import ModelError
+from taoke.errors import FormatError, ModelError
 from taoke.library.builtin import BUILTIN, SCRATCH
 from taoke.library.registry import load_registry, save_entry
+from taoke.names import name_problem
 from taoke.run import Run
 
 WEIGHT_SUFFIXES = {".safetensors": "safetensors", ".gguf": "gguf", ".onnx": "onnx", ".bin": "torch", ".pt": "torch",
@@ -156,7 +158,7 @@ def _describe_dir(p: Path, label: str, license: str | None) -> BaseRef:
                        license=license or _card_license(p), run_dir=run_dir,
                        lineage=Run(run_dir).lineage if run_dir else None, meta=_taoke_meta(p))
     if (p / "config.json").is_file():
-        archs = " ".join(_config(p).get("architectures") or [])
+        archs = _architectures(p)
         kind = "causal-lm" if "CausalLM" in archs or "LMHead" in archs else "encoder"
         return BaseRef(name=label, format="hf", path=p, source=f"path:{p}", license=license or _card_license(p),
                        kind=kind, description=archs)
@@ -167,25 +169,47 @@ def _describe_dir(p: Path, label: str, license: str | None) -> BaseRef:
                      "give an HF-format model directory, a taoke run directory or a weight file.")
 
 
-def _config(model_dir: Path) -> dict:
+def _json_object(path: Path) -> dict:
     try:
-        cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{model_dir / 'config.json'}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{model_dir / 'config.json'}: expected a JSON object")
-    return cfg
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON ({str(e)[:120]})") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _config(model_dir: Path) -> dict:
+    return _json_object(model_dir / "config.json")
+
+
+def _architectures(model_dir: Path) -> str:
+    """config.json's `architectures`, space-joined (a list of class names, or absent)."""
+    archs = _config(model_dir).get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise FormatError(f"{model_dir / 'config.json'}: 'architectures' must be a list of class names")
+    return " ".join(archs)
 
 
 def _taoke_meta(model_dir: Path) -> dict:
-    try:
-        return json.loads((model_dir / "taoke.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{model_dir / 'taoke.json'}: unreadable ({e})") from None
+    return _json_object(model_dir / "taoke.json")
+
+
+def _not_found(ref: str) -> ModelError:
+    if os.path.lexists(os.path.expanduser(ref)):
+        return ModelError(f"{ref}: a symlink that leads nowhere (dangling, or a loop); point it at a model file.")
+    hub = f" If you meant a hub repository, write hf:{ref}." if ref.count("/") == 1 and \
+        not ref.startswith((".", "/", "~")) else ""
+    return ModelError(f"{ref}: no such file or directory.{hub}")
 
 
 def _from_path(ref: str | Path, name: str | None = None, license: str | None = None) -> BaseRef:
-    p = Path(ref).expanduser().resolve()
+    try:
+        p = Path(ref).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop raises here on some Python versions
+        raise ModelError(f"{ref}: cannot be resolved ({e}); is it a symlink loop?") from None
     label = name or str(ref)
     if p.is_dir():
         return _describe_dir(p, label, license)
@@ -196,11 +220,11 @@ def _from_path(ref: str | Path, name: str | None = None, license: str | None = N
                              f"Supported: {', '.join(sorted(WEIGHT_SUFFIXES))}.")
         kind = "causal-lm" if fmt == "gguf" else "unknown"
         if (p.parent / "config.json").is_file():
-            archs = " ".join(_config(p.parent).get("architectures") or [])
+            archs = _architectures(p.parent)
             kind = "causal-lm" if "CausalLM" in archs or "LMHead" in archs else "encoder"
         return BaseRef(name=label, format=fmt, path=p, source=f"path:{p}",
                        license=license or _card_license(p.parent), kind=kind)
-    raise ModelError(f"{ref}: no such file or directory")
+    raise _not_found(str(ref))
 
 
 def _resolve_prefixed(ref: str) -> BaseRef:
@@ -227,6 +251,11 @@ def _resolve_prefixed(ref: str) -> BaseRef:
     return _resolve_builtin(name, entry, hub_fallback=False)
 
 
+def written_as_path(ref: str) -> bool:
+    """'./x', 'a/b', '/abs', '~/x': the user wrote a path, and means that path."""
+    return "/" in ref or os.sep in ref or ref.startswith((".", "~"))
+
+
 def resolve(ref: str | Path) -> BaseRef:
     """Resolve a model reference; raise ModelError naming the reference and what to do."""
     ref = str(ref).strip()
@@ -239,29 +268,33 @@ def resolve(ref: str | Path) -> BaseRef:
             raise ModelError(f"unknown from-scratch architecture '{ref}'. Choose one of: {', '.join(SCRATCH)}")
         return BaseRef(name=ref, format="scratch", path=None, source="scratch", kind="scratch",
                        description=SCRATCH[ref], license=None)
+    if written_as_path(ref):  # never a library name: names cannot hold '/' (see taoke.names)
+        return _from_path(ref)
     registry = load_registry()
     in_library = ref in BUILTIN or ref in registry
-    if in_library and Path(ref).exists():
+    if in_library and os.path.lexists(ref):
         library = f"pkg:{ref}" if ref in BUILTIN else f"the registered model '{ref}' ({registry[ref].get('path')})"
-        raise ModelError(f"'{ref}' is ambiguous: it names {library} and the path ./{ref}. Write file:{ref} for the "
-                         f"path{', or pkg:' + ref + ' for the built-in' if ref in BUILTIN else ''}.")
+        raise ModelError(f"'{ref}' is ambiguous: it names {library} and the path ./{ref}. Write ./{ref} (or file:{ref}) "
+                         f"for the path{', or pkg:' + ref + ' for the built-in' if ref in BUILTIN else ''}.")
     if ref in BUILTIN:
         return _resolve_builtin(ref, BUILTIN[ref])
     if ref in registry:
         entry = registry[ref]
         return _from_path(entry["path"], name=ref, license=entry.get("license"))
-    if Path(ref).expanduser().exists():
+    if os.path.lexists(Path(ref).expanduser()) or Path(ref).suffix.lower() in WEIGHT_SUFFIXES:
         return _from_path(ref)
-    looks_like_path = os.sep in ref or ref.startswith(".") or Path(ref).suffix.lower() in WEIGHT_SUFFIXES
-    if looks_like_path:
-        hub = f" If you meant a hub repository, write hf:{ref}." if ref.count("/") == 1 and not ref.startswith(".") \
-            else ""
-        raise ModelError(f"{ref}: no such file or directory.{hub}")
     known = list(BUILTIN) + list(SCRATCH) + list(registry)
     close = difflib.get_close_matches(ref, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ModelError(f"unknown base '{ref}'.{hint} See `taoke models list`, or give a path to a model "
                      "directory or weight file (or hf:org/name for a hub repository).")
+
+
+def is_library_reference(ref: str) -> bool:
+    """A reference that names a library model (built-in, registered, pkg:, hf:), never a file path: what a claim
+    read from inside a file may name without pointing taoke at files outside the folder being examined."""
+    ref = str(ref).strip()
+    return ref.startswith(("pkg:", "hf:")) or ref in BUILTIN or (not written_as_path(ref) and ref in load_registry())
 
 
 def list_models() -> list[dict]:
@@ -295,8 +328,9 @@ def weight_files(base: BaseRef) -> list[Path]:
 
 def add_model(name: str, path: str, license: str | None = None, description: str = "") -> dict:
     """Register PATH under NAME in the user registry, after checking that it resolves."""
-    if not name or len(name) > 100 or not all(c.isalnum() or c in "._-" for c in name) or name[0] in ".-":
-        raise ModelError(f"model name {name[:40]!r}: use 1-100 letters, digits, '.', '_' or '-'")
+    problem = name_problem(name)
+    if problem:
+        raise ModelError(f"model {problem}")
     if name in BUILTIN or name.startswith(("scratch:",) + PREFIXES):
         raise ModelError(f"'{name}' is a built-in model name; choose another name.")
     target = Path(path).expanduser().resolve()

@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from taoke.errors import ModelError
 from taoke.files import cache_root
+from taoke.formats import hf_config
+from taoke.formats.gguf_io import GGUFWeightReader
 from taoke.hardware import pick_device
 from taoke.library import BaseRef, resolve
 from taoke.models.tokenizer import load_tokenizer
@@ -74,6 +76,7 @@ def plain_model_dir(ref: str | os.PathLike | BaseRef) -> Path:
     if base.format == "gguf" or (base.path.is_file() and base.path.suffix.lower() == ".gguf"):
         target = _gguf_cache_dir(base.path)
         if not (target / "config.json").exists():
+            GGUFWeightReader(base.path).close()   # a malformed file fails here with its name, not inside transformers
             _dequantize_gguf_to_dir(base.path, target)
         return target
     model_dir = base.model_dir
@@ -122,9 +125,13 @@ def load_causal_lm(ref: str | os.PathLike | BaseRef, device: str | torch.device 
     if adapter_only(base.model_dir):
         return load_adapter_run(base.model_dir, device, dtype)
     model_dir = plain_model_dir(base)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = hf_config(model_dir)
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "CausalLM" not in archs and "LMHead" not in archs:
         raise ModelError(f"{base.name}: '{archs or config.model_type}' is not a causal language model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).to(pick_device(device))
-    return model, load_tokenizer(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    except (OSError, RuntimeError, ValueError) as e:  # weights that do not fit the config, unreadable files
+        raise ModelError(f"{model_dir}: the weights cannot be loaded ({e.__class__.__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    return model.to(pick_device(device)), load_tokenizer(model_dir)

@@ -12,25 +12,29 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
+import math
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+from transformers import AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
 from taoke.version import __version__
-from taoke.errors import ModelError, RecipeError
+from taoke.errors import FormatError, ModelError, RecipeError
 from taoke.files import atomic_path, write_json_atomic
+from taoke.formats import check_model_dir, hf_config
+from taoke.formats.safetensors_io import read_header
+from taoke.formats.hf_dir import read_json_object
 from taoke.library import resolve
 from taoke.models import scratch
 from taoke.models.scratch import build_scratch
 from taoke.models.tokenizer import load_tokenizer
 
 HEAD_ATTRS = ("classifier", "score", "head")
+SCRATCH_ARCHS = ("cnn", "mlp", "lstm", "gru", "transformer")
 META_FILE = "taoke.json"
 
 
@@ -121,7 +125,7 @@ def scratch_kwargs(arch: str, recipe_cfg: dict, derived: dict) -> dict:
 
 def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, regression: bool,
                        dropout: float | None = None) -> HFClassifier:
-    config = AutoConfig.from_pretrained(path)
+    config = hf_config(path)
     config.num_labels = num_labels
     if labels:
         config.id2label = dict(enumerate(labels))
@@ -140,7 +144,10 @@ def load_hf_classifier(path: Path, num_labels: int, labels: list[str] | None, re
         hf = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     except (ValueError, KeyError) as e:
         raise ModelError(f"{path}: architecture '{config.model_type}' cannot be loaded for sequence "
-                         f"classification ({e}).") from None
+                         f"classification ({str(e)[:200]}).") from None
+    except (OSError, RuntimeError) as e:  # weights that do not fit the config, unreadable files
+        raise ModelError(f"{path}: the weights cannot be loaded ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
     finally:
         hf_logging.set_verbosity(hf_level)
     return HFClassifier(hf)
@@ -176,25 +183,64 @@ def read_meta(model_dir: Path) -> dict:
     if not meta_path.exists():
         raise ModelError(f"{model_dir}: no {META_FILE}; this is not a taoke task model. "
                          "Give a run directory (runs/<name>-<time>) or its model/ folder.")
-    return json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, META_FILE)
+    arch = meta.get("arch")
+    if not isinstance(meta.get("task"), str) or not (arch == "hf" or isinstance(arch, str) and
+                                                     arch.split(":", 1)[-1] in SCRATCH_ARCHS and ":" in arch):
+        raise FormatError(f"{meta_path}: 'task' and 'arch' (hf or scratch:<{'|'.join(SCRATCH_ARCHS)}>) are "
+                          f"required; got task {str(meta.get('task'))[:40]!r}, arch {str(arch)[:40]!r}")
+    return meta
+
+
+def _stored_elements(weights: Path) -> int:
+    return sum(math.prod(e["shape"]) for e in read_header(weights)[1].values())
+
+
+def _build_scratch_checked(model_dir: Path, meta: dict) -> nn.Module:
+    """A from-scratch architecture as taoke.json describes it, built only after counting its weights on the meta
+    device: sizes the weight file cannot hold are refused instead of allocated."""
+    arch, cfg = meta["arch"].split(":", 1)[1], meta.get("arch_config")
+    try:
+        with torch.device("meta"):
+            probe = build_scratch(arch, meta["num_outputs_base"], cfg)
+            apply_head_spec(probe, meta.get("head"))
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise FormatError(f"{model_dir / META_FILE}: arch_config does not build scratch:{arch} ({str(e)[:160]})") \
+            from None
+    need, stored = sum(t.numel() for t in probe.state_dict().values()), _stored_elements(model_dir / "model.safetensors")
+    if need > stored:
+        raise FormatError(f"{model_dir / META_FILE}: arch_config describes {need:,} weights; model.safetensors holds "
+                          f"{stored:,}")
+    model = build_scratch(arch, meta["num_outputs_base"], cfg)
+    apply_head_spec(model, meta.get("head"))
+    return model
+
+
+def _load_state(model: nn.Module, state: dict, model_dir: Path, strict: bool) -> tuple[list, list]:
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # shapes that differ from the architecture
+        raise FormatError(f"{model_dir}: weights do not fit the architecture in {META_FILE} "
+                          f"({str(e).splitlines()[0][:200]})") from None
 
 
 def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
     """Load model/ back: returns (model, meta, tokenizer or None)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
+    check_model_dir(model_dir)   # config sizes and safetensors headers, before anything is allocated
     tokenizer = None
-    if meta["arch"] == "hf" and meta.get("adapter") and not meta["adapter"]["merged"]:
+    if meta["arch"] == "hf" and meta.get("adapter") and not meta["adapter"].get("merged"):
         model = load_adapter_model(model_dir, meta)
         tokenizer = load_tokenizer(model_dir)
     elif meta["arch"] == "hf":
-        config = AutoConfig.from_pretrained(model_dir)
+        config = hf_config(model_dir)
         model = HFClassifier(AutoModelForSequenceClassification.from_config(config))
         apply_head_spec(model, meta.get("head"))
         state = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             state.update(load_file(str(f)))
-        missing, unexpected = model.hf.load_state_dict(state, strict=False)
+        missing, unexpected = _load_state(model.hf, state, model_dir, strict=False)
         # Tied/buffer entries (e.g. position_ids) may be absent from a checkpoint; real weights may not.
         real_missing = [k for k in missing if not k.endswith("position_ids")]
         if real_missing or unexpected:
@@ -202,12 +248,10 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
                              f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}).")
         tokenizer = load_tokenizer(model_dir)
     else:
-        arch = meta["arch"].split(":", 1)[1]
-        model = build_scratch(arch, meta["num_outputs_base"], meta["arch_config"])
-        apply_head_spec(model, meta.get("head"))
-        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        model = _build_scratch_checked(model_dir, meta)
+        _load_state(model, load_file(str(model_dir / "model.safetensors")), model_dir, strict=True)
         if (model_dir / "tokenizer.json").exists():
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+            tokenizer = load_tokenizer(model_dir, fast_only=True)
     model.to(device).eval()
     return model, meta, tokenizer
 
