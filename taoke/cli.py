@@ -25,7 +25,7 @@ from taoke.inference import load
 from taoke.inference.language import load_chat_model
 from taoke.library import add_model, list_models, registry_path, resolve, weight_files
 from taoke.lm.chat import chat_loop
-from taoke.run import Run, list_runs
+from taoke.run import Run, check_output, list_runs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="taoke (套壳): build task models on open base models, and prove what a model is built on.")
@@ -76,8 +76,11 @@ def predict(model: str = typer.Argument(..., help="run directory or model/ folde
             inputs: List[str] = typer.Argument(None, help="texts, prompts, or image paths"),
             file: Optional[Path] = typer.Option(None, "--file", help="inputs.txt (one per line), csv/jsonl, or prompts"),
             output: Optional[Path] = typer.Option(None, "--out", help="write predictions/completions as JSONL"),
+            force: bool = typer.Option(False, "--force", help="overwrite the --out file if it exists"),
             as_json: bool = typer.Option(False, "--json")):
     """Predict with a derived model: labels with probabilities (or completions for language models)."""
+    if output is not None:
+        check_output(output, force)
     predictor = load(model)
     if file is None and not inputs:
         raise DataError("give inputs to predict, or --file FILE")
@@ -157,13 +160,19 @@ def runs_list(root: Path = typer.Option(Path("runs"), "--dir", help="folder hold
         table.add_row(r["run"], r["state"], r.get("task") or "-", r.get("base") or "-", r.get("reference_score", "-"),
                       r.get("derived_score", "-"))
     out.print(table)
+    for r in rows:
+        if r.get("next"):
+            out.print(f"{r['run']} ({r['state']}): {r['next']}", highlight=False)
 
 
 @runs_app.command("compare")
 def runs_compare(runs: List[Path] = typer.Argument(..., help="two or more run directories"),
-                 png: Optional[Path] = typer.Option(None, "--png", help="where to write the overlaid curves"),
+                 png: Optional[Path] = typer.Option(None, "--png", help="where to write the overlaid curves "
+                                                    "(default: compare.png beside the first run)"),
+                 force: bool = typer.Option(False, "--force", help="overwrite the PNG if it exists"),
                  as_json: bool = typer.Option(False, "--json")):
     """Runs side by side: metrics table and validation curves overlaid in one PNG."""
+    png = check_output(png or Path(runs[0]).parent / "compare.png", force)
     result = compare_runs(runs, png)
     if as_json:
         print_json(result)
@@ -184,10 +193,18 @@ def runs_show(run: Path, as_json: bool = typer.Option(False, "--json", help="pri
     """A run's state and report (the lineage record with --json)."""
     r = Run.open(run)
     if as_json:
-        print_json({"run": str(r.path), "status": r.status(), "lineage": r.lineage if r.complete else None})
+        print_json({"run": str(r.path), "status": r.status(), "next": r.next_step(),
+                    "lineage": r.lineage if r.complete else None})
         return
-    if not r.complete:
-        raise TaokeError(f"{run}: run is not complete (state: {r.state}); it has no report yet.")
+    if not r.complete:   # no report yet: say where the run stands and what to do
+        status = r.status()
+        out.print(f"{run}: {status.get('state')}" + (f" (pid {status['pid']})" if status.get("pid") else ""),
+                  highlight=False)
+        if status.get("error"):
+            out.print(f"error: {status['error']}", highlight=False)
+        if r.next_step():
+            out.print(f"next: {r.next_step()}", highlight=False)
+        return
     out.print(r.report())
 
 

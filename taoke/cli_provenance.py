@@ -14,6 +14,7 @@ from taoke.provenance.diff import diff
 from taoke.provenance.normalize import normalize
 from taoke.provenance.tree import lineage_report
 from taoke.provenance.verify import summary_lines, verify_references, weights_of
+from taoke.run import check_output
 
 
 def _print_json(obj) -> None:
@@ -38,8 +39,11 @@ def register(app: typer.Typer) -> None:
     @app.command("diff")
     def diff_cmd(a: str = typer.Argument(..., help="first model"), b: str = typer.Argument(..., help="second model"),
                  out: Optional[Path] = typer.Option(None, "--out", help="write diff.json and diff_heatmap.png here"),
+                 force: bool = typer.Option(False, "--force", help="overwrite diff.json / diff_heatmap.png in --out"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Per-layer similarity table, heatmap and what changed between A and B."""
+        for name in ("diff.json", "diff_heatmap.png") if out is not None else ():
+            check_output(out / name, force)
         report = diff(weights_of(a), weights_of(b), out)
         if as_json:
             _print_json(report)
@@ -68,8 +72,11 @@ def register(app: typer.Typer) -> None:
     @app.command("lineage")
     def lineage_cmd(directory: Path = typer.Argument(..., help="folder to scan for models"),
                     out: Optional[Path] = typer.Option(None, "--out", help="write JSON, mermaid and PNG here"),
+                    force: bool = typer.Option(False, "--force", help="overwrite the lineage_tree.* files in --out"),
                     as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Scan a folder, verify claimed and unclaimed relations, and draw the family tree."""
+        for suffix in (".json", ".mmd", ".png") if out is not None else ():
+            check_output(out / f"lineage_tree{suffix}", force)
         tree = lineage_report(directory, out)
         if as_json:
             _print_json(tree)

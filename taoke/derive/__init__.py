@@ -33,8 +33,11 @@ def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str
         if overrides or out:
             raise RecipeError("--resume continues a run exactly as it was: drop --set and --out.")
         run = Run.open(resume)
+        run.hold_lock()   # one process per run: a second resume (or the live owner) keeps it
         run.check_resumable()
         recipe = run.recipe_path
+    elif out is not None and not dry_run:
+        Run.check_free(out)   # fail before the data and model work, and touch nothing
     if isinstance(recipe, Recipe):
         if overrides:
             raise RecipeError("overrides apply to a recipe file or mapping; change the Recipe object instead")

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
+from taoke.errors import ModelError
+
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
 REGRESSION_METRICS = ("mae", "rmse", "r2")
 
@@ -36,6 +38,11 @@ def regression_metrics(y_true, y_pred) -> dict:
 
 def metrics_from_outputs(outputs: torch.Tensor, targets: torch.Tensor, regression: bool,
                          labels: list[str] | None = None, per_class: bool = False) -> dict:
+    bad = ~torch.isfinite(outputs.reshape(len(outputs), -1)).all(-1)
+    if bad.any():  # argmax over NaN still picks a class: a score from such outputs would be a made-up number
+        raise ModelError(f"the model's outputs are not finite numbers for {int(bad.sum())} of {len(outputs)} rows "
+                         f"(first: row {int(bad.nonzero()[0, 0])}); its weights are corrupt or training diverged, so "
+                         "no metric is reported.")
     if regression:
         return regression_metrics(targets.numpy(), outputs.view(-1).numpy())
     m = classification_metrics(targets.numpy(), outputs.argmax(-1).numpy(), labels if per_class else None)

@@ -10,7 +10,7 @@ import torch
 
 from taoke.data.encode import encode_frame, to_target_units
 from taoke.data.load import load_source
-from taoke.errors import DataError
+from taoke.errors import DataError, ModelError
 from taoke.evaluate.metrics import metrics_from_outputs
 from taoke.hardware import pick_device
 from taoke.models.task_model import load_task_model, read_meta
@@ -43,7 +43,17 @@ class TaskPredictor:
         """Raw outputs (logits, or standardised predictions for regression) for the rows of a frame."""
         encoded = encode_frame(frame.drop(columns=[self.meta["label_column"]], errors="ignore"), self.meta,
                                self.tokenizer)
-        return predict(self.model, encoded)
+        return self.finite(predict(self.model, encoded))
+
+    def finite(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Outputs as they are, or a ModelError when any is NaN/inf: such a number is never shown as a result."""
+        bad = ~torch.isfinite(to_target_units(outputs, self.meta)).reshape(len(outputs), -1).all(-1)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise ModelError(f"{self.run.path if self.run else self.model_dir}: the model's output for input {row} is "
+                             f"not a finite number ({int(bad.sum())} of {len(outputs)} inputs); its weights are "
+                             "corrupt or training diverged. Nothing is reported.")
+        return outputs
 
     def predict(self, inputs: list | pd.DataFrame) -> list[dict]:
         """Label and probability (or predicted value) per input: texts, image paths, or a frame of rows."""
@@ -89,7 +99,7 @@ class TaskPredictor:
                 raise DataError(f"{data}: label column '{self.meta['label_column']}' not found; columns are: "
                                 f"{', '.join(map(str, frame.columns))}.")
         encoded = encode_frame(frame, self.meta, self.tokenizer)
-        outputs = predict(self.model, encoded)
+        outputs = self.finite(predict(self.model, encoded))
         metrics = metrics_from_outputs(to_target_units(outputs, self.meta), to_target_units(encoded.targets, self.meta),
                                        self.labels is None, self.labels, per_class=True)
         return {"model": str(self.run.path if self.run else self.model_dir), "data": source, "rows": len(frame),
