@@ -12,7 +12,7 @@ import pandas as pd
 from taoke.data import image as image_ops
 from taoke.data.load import Table, load_source, require_columns
 from taoke.data.splits import check_known_labels, check_labels, check_no_empty_class, class_labels, split_frame
-from taoke.data.tabular import fit_tabular
+from taoke.data.tabular import check_finite, fit_tabular
 from taoke.data.text import normalize_text
 from taoke.errors import DataError
 from taoke.recipe import Recipe
@@ -49,6 +49,8 @@ def _load_checked(spec: str, recipe: Recipe, kind: str, regression: bool) -> Tab
         require_columns(table, [d.image], "image")
     require_columns(table, [d.label], "label")
     check_labels(table, d.label, regression)
+    if kind == "tabular":  # before anything trains: an inf feature or label would only show as a NaN loss
+        check_finite(table.frame, list(table.frame.columns), table.line_of)
     if not len(table.frame):
         raise DataError(f"{spec}: no rows.")
     return table

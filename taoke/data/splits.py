@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
@@ -19,9 +20,10 @@ def check_labels(table: Table, label: str, regression: bool) -> None:
                         "remove the row or fill it in.")
     if regression:
         values = pd.to_numeric(col, errors="coerce")
-        if values.isna().any():
-            i = int(values.isna().to_numpy().nonzero()[0][0])
-            raise DataError(f"{table.line_of(i)}: label {col.iloc[i]!r} is not a number; "
+        bad = ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan))
+        if bad.any():
+            i = int(bad.nonzero()[0][0])
+            raise DataError(f"{table.line_of(i)}: label {col.iloc[i]!r} is not a finite number; "
                             "tabular-regression needs numeric labels.")
 
 

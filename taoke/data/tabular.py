@@ -8,6 +8,19 @@ import pandas as pd
 from taoke.errors import DataError
 
 
+def check_finite(frame: pd.DataFrame, columns: list[str], where) -> None:
+    """Refuse +/-inf in numeric columns, naming the column and the row (`where(i)` says where row i is).
+    NaN is a missing value (filled with the column mean); inf is no value at all and would make the loss NaN."""
+    for c in columns:
+        if c not in frame.columns or not pd.api.types.is_numeric_dtype(frame[c]):
+            continue
+        bad = np.isinf(frame[c].to_numpy(dtype=float, na_value=np.nan))
+        if bad.any():
+            i = int(bad.nonzero()[0][0])
+            raise DataError(f"{where(i)}: column '{c}' holds {float(frame[c].iloc[i])}; features and numeric labels must "
+                            "be finite numbers. Fix or drop the row.")
+
+
 def fit_tabular(frame: pd.DataFrame, features: list[str], categorical: list[str] | None, standardize: bool,
                 one_hot: bool, source: str) -> dict:
     """Learn the column transforms on the training split."""
@@ -28,6 +41,10 @@ def fit_tabular(frame: pd.DataFrame, features: list[str], categorical: list[str]
               "mean": values.mean().fillna(0.0).tolist() if standardize else [0.0] * len(numeric),
               "std": values.std().fillna(1.0).replace(0.0, 1.0).tolist() if standardize else [1.0] * len(numeric),
               "categories": {c: sorted(frame[c].astype(str).unique().tolist()) for c in categorical}}
+    for c, mean, std in zip(numeric, params["mean"], params["std"]):
+        if not (np.isfinite(mean) and np.isfinite(std)):
+            raise DataError(f"{source}: column '{c}' has values too large to standardise (mean {mean}, std {std}); "
+                            "rescale the column.")
     return params
 
 
@@ -37,6 +54,7 @@ def apply_tabular(frame: pd.DataFrame, params: dict) -> np.ndarray:
     if missing:
         raise DataError(f"column '{missing[0]}' is missing; the model was trained on columns "
                         f"{', '.join(numeric + params['categorical'])}.")
+    check_finite(frame[numeric].apply(pd.to_numeric, errors="coerce"), numeric, lambda i: f"row {i}")
     x = frame[numeric].apply(pd.to_numeric, errors="coerce").astype(float).to_numpy()
     fill = np.asarray(params["fill"])
     x = np.where(np.isnan(x), fill, x)

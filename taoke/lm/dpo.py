@@ -22,7 +22,8 @@ from taoke.lm.loss import body_and_head, shifted_targets, token_logprobs
 from taoke.lm.pack import padded_batch
 from taoke.lm.train import LMHistory, model_device
 from taoke.recipe import LMConfig, TrainConfig
-from taoke.train.core import make_optimizer, make_scheduler, optimizer_step, total_steps, trainable
+from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, total_steps,
+                              trainable)
 from taoke.train.precision import autocast, autocast_dtype
 
 
@@ -101,6 +102,7 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
                 accs.append(acc)
                 margins.append(margin)
                 hist.tokens += int(batch["attention_mask"].sum())
+            check_finite_loss(sum(losses) / len(losses), step)
             optimizer_step(opt, sched, params, train.max_grad_norm)
             row = {"step": step, "loss": sum(losses) / len(losses), "reward_acc": sum(accs) / len(accs),
                    "margin": sum(margins) / len(margins), "lr": sched.get_last_lr()[0]}

@@ -26,7 +26,8 @@ from taoke.lm.loss import lm_loss_sum
 from taoke.lm.pack import batches, pack_rows, packed_batch, padded_batch
 from taoke.models.parts import find_stack
 from taoke.recipe import LMConfig, TrainConfig
-from taoke.train.core import make_optimizer, make_scheduler, optimizer_step, total_steps, trainable
+from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, total_steps,
+                              trainable)
 from taoke.train.precision import autocast, autocast_dtype
 
 
@@ -139,6 +140,7 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
                     (loss_sum / max(n_targets, 1)).backward()
                     loss_total += float(loss_sum.detach())
                     hist.tokens += b["n_real"]
+                check_finite_loss(loss_total / max(n_targets, 1), step)
                 grad_norm = optimizer_step(opt, sched, params, train.max_grad_norm)
                 elapsed = time.perf_counter() - start
                 row = {"step": step, "loss": loss_total / max(n_targets, 1), "lr": sched.get_last_lr()[0],

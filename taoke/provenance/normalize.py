@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from taoke.errors import ModelError
-from taoke.files import atomic_path, write_json_atomic
+from taoke.files import atomic_dir, write_json_atomic
 from taoke.formats import open_weights
 from taoke.formats.base import WeightReader
 from taoke.provenance.canonical import CanonicalView, canonical_view
@@ -101,36 +101,39 @@ def reference_logits(cfg: dict, sd: dict) -> torch.Tensor:
 
 
 def normalize(src, dst: str | Path) -> dict:
-    """Write DST (model.safetensors + config.json + tokenizer files) and check its logits; return a report."""
+    """Write DST (model.safetensors + config.json + tokenizer files) and check its logits; return a report.
+
+    Everything is written into a temporary directory beside DST and renamed to DST only once the logits check
+    passed: a failure at any point leaves no directory that looks like a checkpoint."""
     dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ModelError(f"{dst} exists and is not empty; choose a new output directory")
     reader = open_weights(src)
     view = canonical_view(reader)
     cfg = llama_config(reader, view)
     sd = llama_state_dict(reader, view)
     renamed = {slot.name: LLAMA_NAMES[slot.role].format(i=slot.layer) for slot in view.slots()}
-    dst.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dst / "model.safetensors") as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(dst / "config.json", cfg)
     src_dir = reader.path if reader.path.is_dir() else reader.path.parent
-    for name in _TOKENIZER_FILES:
-        if (src_dir / name).exists():
-            shutil.copyfile(src_dir / name, dst / name)
     reader.close()
-    expected = reference_logits(cfg, sd)
-    del sd
-    model = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32).eval()
-    with torch.no_grad():
-        got = model(_probe_ids(cfg["vocab_size"])).logits
-    diff = float((got - expected).abs().max())
-    report = {"source": str(src), "output": str(dst), "family": view.family, "config": cfg,
-              "renamed": {k: v for k, v in renamed.items() if k != v}, "tensors": len(renamed),
-              "probe_tokens": int(_probe_ids(cfg["vocab_size"]).shape[1]), "max_abs_logit_diff": diff,
-              "identical_logits": diff == 0.0}
-    write_json_atomic(dst / "normalize_report.json", report)
-    if diff != 0.0:
-        raise ModelError(f"normalized model's logits differ from the source by up to {diff:.3g}; output kept in "
-                         f"{dst} for inspection")
+    with atomic_dir(dst) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        write_json_atomic(tmp / "config.json", cfg)
+        for name in _TOKENIZER_FILES:
+            if (src_dir / name).exists():
+                shutil.copyfile(src_dir / name, tmp / name)
+        expected = reference_logits(cfg, sd)
+        del sd
+        model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = model(_probe_ids(cfg["vocab_size"])).logits
+        diff = float((got - expected).abs().max())
+        if diff != 0.0:
+            raise ModelError(f"normalized model's logits differ from the source by up to {diff:.3g}; nothing was "
+                             f"written to {dst}")
+        report = {"source": str(src), "output": str(dst), "family": view.family, "config": cfg,
+                  "renamed": {k: v for k, v in renamed.items() if k != v}, "tensors": len(renamed),
+                  "probe_tokens": int(_probe_ids(cfg["vocab_size"]).shape[1]), "max_abs_logit_diff": diff,
+                  "identical_logits": diff == 0.0}
+        write_json_atomic(tmp / "normalize_report.json", report)
     return report

@@ -3,6 +3,9 @@
 Claims come from `lineage.json` (base name/source) and model-card front matter (`base_model`). Every claim is
 verified; every unclaimed pair is tested too, so a model whose card claims no base while its weights say
 derived is flagged as an undisclosed shell, and a claim the weights contradict is flagged as contradicted.
+Claims that loop (a model claiming itself, or a and b claiming each other) are flagged as cycles, never
+confirmed: shared weights say two models are related, not which came first. A claim is followed to a model
+in the scanned folder or to a library model (built-in, registered, pkg:, hf:), never to a path elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 import matplotlib
 
 from taoke.errors import TaokeError
-from taoke.library import card_metadata, resolve
+from taoke.library import card_metadata, is_library_reference
 from taoke.run import Run
 from taoke.provenance.verify import verify
 from taoke.files import atomic_path, write_json_atomic, write_text_atomic
@@ -94,12 +97,11 @@ def build_tree(root: str | Path) -> dict:
         targets = []
         for c in cl:
             t = _match_claim(c, models, root)
-            if t is None:
-                try:  # a library base outside the folder: add it as an external node
-                    resolve(c)
-                    t = c
-                except TaokeError:
-                    t = None
+            if t is None and is_library_reference(c):  # a library base: an external node, verified from the library
+                t = c
+            elif t is None:
+                flags.append(f"{label}: claims base '{c[:120]}', which is neither in {root} nor a library model; "
+                             "not followed")
             if t is not None:
                 targets.append((c, t))
         claims[label] = targets
@@ -109,12 +111,26 @@ def build_tree(root: str | Path) -> dict:
         nodes.append({"id": e, "path": None, "claims": [], "external": True})
     refs = {**{k: str(v) for k, v in models.items()}, **{e: e for e in externals}}
     tested: set[frozenset] = set()
+    looped = claim_cycles({child: [parent for _, parent in ts] for child, ts in claims.items()})
     for child, ts in claims.items():
         for claim, parent in ts:
+            if parent == child:
+                tested.add(frozenset((parent, child)))
+                edges.append({"parent": parent, "child": child, "claimed": True, "verdict": None, "p_value": None,
+                              "relation": None, "status": "cycle"})
+                flags.append(f"{child}: claims itself as its base ('{claim[:120]}'); a lineage cannot loop")
+                continue
             res = verify(refs[parent], refs[child])
             tested.add(frozenset((parent, child)))
             status = "confirmed" if res.verdict in ("derived", "related") else (
                 "contradicted" if res.verdict == "independent" else "unverified")
+            if (parent, child) in looped:
+                status = "cycle"
+                if (child, parent) in looped and parent < child:  # one flag per loop of two
+                    flags.append(f"{parent} and {child} claim each other as base; a lineage cannot loop, so at most "
+                                 f"one claim is true (weights: {res.verdict}, p={res.p_value:.3g})")
+                elif (child, parent) not in looped:
+                    flags.append(f"{child}: its claim of '{parent}' closes a loop of claims; a lineage cannot loop")
             edges.append({"parent": parent, "child": child, "claimed": True, "verdict": res.verdict,
                           "p_value": res.p_value, "relation": res.relation, "status": status})
             if status == "contradicted":
@@ -136,14 +152,33 @@ def build_tree(root: str | Path) -> dict:
     return {"root": str(root), "nodes": nodes, "edges": edges, "flags": flags}
 
 
+def claim_cycles(claims: dict[str, list[str]]) -> set[tuple[str, str]]:
+    """(parent, child) claims that lie on a loop of claims (child claims parent, ..., parent claims child)."""
+    def reaches(start: str, goal: str) -> bool:   # does `start` claim, directly or through others, `goal`?
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            for parent in claims.get(node, []):
+                if parent == goal:
+                    return True
+                if parent not in seen:
+                    seen.add(parent)
+                    todo.append(parent)
+        return False
+
+    return {(parent, child) for child, parents in claims.items() for parent in parents
+            if parent != child and reaches(parent, child)}
+
+
 def mermaid(tree: dict) -> str:
     ids = {n["id"]: f"m{i}" for i, n in enumerate(tree["nodes"])}
     lines = ["graph TD"]
     for n in tree["nodes"]:
         lines.append(f'  {ids[n["id"]]}["{n["id"]}"]')
     for e in tree["edges"]:
-        arrow = {"confirmed": "-->", "undisclosed": "-.->", "contradicted": "--x"}.get(e["status"], "-->")
-        lines.append(f'  {ids[e["parent"]]} {arrow}|{e["status"]} p={e["p_value"]:.2g}| {ids[e["child"]]}')
+        arrow = {"confirmed": "-->", "undisclosed": "-.->", "contradicted": "--x", "cycle": "-.-x"}.get(e["status"], "-->")
+        p = f" p={e['p_value']:.2g}" if e["p_value"] is not None else ""
+        lines.append(f'  {ids[e["parent"]]} {arrow}|{e["status"]}{p}| {ids[e["child"]]}')
     return "\n".join(lines) + "\n"
 
 
@@ -153,16 +188,16 @@ def draw(tree: dict, path: Path) -> Path:
 
     ids = [n["id"] for n in tree["nodes"]]
     depth = {i: 0 for i in ids}
-    for _ in ids:  # longest-path depth; edges point parent -> child
+    for _ in ids:  # longest-path depth; edges point parent -> child (loops and contradictions do not place nodes)
         for e in tree["edges"]:
-            if e["status"] != "contradicted":
+            if e["status"] not in ("contradicted", "cycle"):
                 depth[e["child"]] = max(depth[e["child"]], depth[e["parent"]] + 1)
     rows: dict[int, list[str]] = {}
     for i in ids:
         rows.setdefault(depth[i], []).append(i)
     pos = {i: (k - (len(r) - 1) / 2, -d) for d, r in rows.items() for k, i in enumerate(r)}
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * max(len(r) for r in rows.values())), 1.8 * len(rows) + 1))
-    colors = {"confirmed": "tab:green", "undisclosed": "tab:orange", "contradicted": "tab:red"}
+    colors = {"confirmed": "tab:green", "undisclosed": "tab:orange", "contradicted": "tab:red", "cycle": "tab:purple"}
     for e in tree["edges"]:
         (x0, y0), (x1, y1) = pos[e["parent"]], pos[e["child"]]
         ax.annotate("", xy=(x1, y1 + 0.12), xytext=(x0, y0 - 0.12),

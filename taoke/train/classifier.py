@@ -22,8 +22,8 @@ from taoke.hardware import keep_freed_memory, pick_device
 from taoke.recipe import TrainConfig
 from taoke.train.batches import Encoded, batch_indices, to_device
 from taoke.train.checkpoint import has_checkpoint, load_best, load_checkpoint, save_best, save_checkpoint
-from taoke.train.core import (make_optimizer, make_scheduler, optimizer_step, seed_everything, total_steps,
-                              trainable)
+from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, seed_everything,
+                              total_steps, trainable)
 from taoke.train.embedding_rows import EmbeddingRowsHandle, compact_input_embedding
 from taoke.train.precision import autocast, autocast_dtype
 
@@ -175,6 +175,7 @@ def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: Train
                 with autocast(device, dtype):
                     outputs = model(**batch)
                 loss = compute_loss(outputs, targets, regression) / cfg.grad_accum
+                check_finite_loss(loss.item(), st.step + 1)
                 loss.backward()
                 st.running += loss.item() * cfg.grad_accum * len(idx)
                 st.count += len(idx)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from taoke.errors import RecipeError
 from taoke.recipe import TrainConfig
 
 
@@ -49,6 +50,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of a run: train.max_steps, else epochs (possibly fractional) over the data."""
     return cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    """Stop at the first step whose loss is NaN/inf: every later step would train on garbage (and report it)."""
+    if not math.isfinite(loss):
+        raise RecipeError(f"training loss became {loss} at step {step}; the run stops here. Lower train.lr, set "
+                          "train.max_grad_norm, or look for extreme values in the data.")
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, params: list[torch.Tensor],
