@@ -62,6 +62,19 @@ def contained_path(directory: Path, entry: object, source: Path, what: str) -> P
     return Path(directory) / norm
 
 
+def read_json_object(path: Path, what: str = "JSON file") -> dict:
+    """A JSON object from a file, or a FormatError naming the file (bad bytes, bad JSON, not an object)."""
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"{path}: not a valid {what} ({str(e)[:120]})") from None
+    except OSError as e:
+        raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: a {what} must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -55,6 +55,8 @@ def _process_start(pid: int) -> str | None:
     except OSError:
         return None
     fields = stat[stat.rfind(")") + 2:].split()   # the command name may hold spaces and parentheses
+    if len(fields) < 20:
+        return None
     return "zombie" if fields[0] == "Z" else fields[19]
 
 
@@ -245,7 +247,7 @@ class Run:
         if self.complete:
             raise RecipeError(f"{self.path}: run is already complete; nothing to resume.")
         status = self.status()
-        if status.get("state") in LIVE_STATES and owner_alive(status) is not False and self._lock is None:
+        if status.get("state") in LIVE_STATES and status.get("pid") != os.getpid() and owner_alive(status) is not False:
             raise RecipeError(f"{self.path}: still {status['state']} (pid {status.get('pid')} on "
                               f"{status.get('host', 'this host')}); wait for it, or stop it before resuming.")
         if not (self.checkpoint_dir / "last.pt").exists():

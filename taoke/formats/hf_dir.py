@@ -8,11 +8,10 @@ safetensors header is validated, each failure a FormatError naming the file and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from taoke.errors import FormatError
-from taoke.files import contained_path
+from taoke.files import contained_path, read_json_object
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -27,19 +26,6 @@ MATRICES = (("vocab_size", "hidden_size"), ("vocab_size", "n_embd"), ("vocab_siz
             ("intermediate_size", "hidden_size"), ("n_inner", "n_embd"), ("ffn_dim", "d_model"),
             ("hidden_dim", "dim"), ("num_hidden_layers", "hidden_size"), ("n_layer", "n_embd"),
             ("num_layers", "d_model"), ("n_layers", "dim"), ("num_attention_heads", "head_dim"))
-
-
-def read_json_object(path: Path, what: str = "JSON file") -> dict:
-    """A JSON object from a file, or a FormatError naming the file (bad bytes, bad JSON, not an object)."""
-    try:
-        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not a valid {what} ({str(e)[:120]})") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{path}: a {what} must be a JSON object, not {type(obj).__name__}")
-    return obj
 
 
 def index_shards(model_dir: Path) -> list[Path] | None:

@@ -8,9 +8,10 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig
 
 from taoke.errors import FormatError, ModelError
+from taoke.files import read_json_object
 from taoke.formats.base import WeightReader
 from taoke.formats.gguf_io import GGUFWeightReader
-from taoke.formats.hf_dir import check_config_sizes, index_shards, read_json_object, read_tokens, weight_bytes
+from taoke.formats.hf_dir import check_config_sizes, index_shards, read_tokens, weight_bytes
 from taoke.formats.onnx_io import OnnxReader
 from taoke.formats.safetensors_io import SafetensorsReader, read_header
 from taoke.formats.torch_io import TorchReader

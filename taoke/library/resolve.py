@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.repocard import metadata_load
 
 from taoke.errors import FormatError, ModelError
+from taoke.files import read_json_object
 from taoke.library.builtin import BUILTIN, SCRATCH
 from taoke.library.registry import load_registry, save_entry
 from taoke.names import name_problem
@@ -169,20 +169,8 @@ def _describe_dir(p: Path, label: str, license: str | None) -> BaseRef:
                      "give an HF-format model directory, a taoke run directory or a weight file.")
 
 
-def _json_object(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise FormatError(f"{path}: not valid JSON ({str(e)[:120]})") from None
-    except OSError as e:
-        raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return obj
-
-
 def _config(model_dir: Path) -> dict:
-    return _json_object(model_dir / "config.json")
+    return read_json_object(model_dir / "config.json", "config.json")
 
 
 def _architectures(model_dir: Path) -> str:
@@ -194,7 +182,7 @@ def _architectures(model_dir: Path) -> str:
 
 
 def _taoke_meta(model_dir: Path) -> dict:
-    return _json_object(model_dir / "taoke.json")
+    return read_json_object(model_dir / "taoke.json", "taoke.json")
 
 
 def _not_found(ref: str) -> ModelError:

@@ -24,10 +24,9 @@ from transformers.utils import logging as hf_logging
 
 from taoke.version import __version__
 from taoke.errors import FormatError, ModelError, RecipeError
-from taoke.files import atomic_path, write_json_atomic
+from taoke.files import atomic_path, read_json_object, write_json_atomic
 from taoke.formats import check_model_dir, hf_config
 from taoke.formats.safetensors_io import read_header
-from taoke.formats.hf_dir import read_json_object
 from taoke.library import resolve
 from taoke.models import scratch
 from taoke.models.scratch import build_scratch
