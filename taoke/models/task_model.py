@@ -183,10 +183,8 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
     """Load model/ back: returns (model, meta, tokenizer or None)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
-    tokenizer = None
     if meta["arch"] == "hf" and meta.get("adapter") and not meta["adapter"]["merged"]:
         model = load_adapter_model(model_dir, meta)
-        tokenizer = load_tokenizer(model_dir)
     elif meta["arch"] == "hf":
         config = AutoConfig.from_pretrained(model_dir)
         model = HFClassifier(AutoModelForSequenceClassification.from_config(config))
@@ -200,16 +198,23 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
         if real_missing or unexpected:
             raise ModelError(f"{model_dir}: weights do not match the architecture "
                              f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}).")
-        tokenizer = load_tokenizer(model_dir)
     else:
         arch = meta["arch"].split(":", 1)[1]
         model = build_scratch(arch, meta["num_outputs_base"], meta["arch_config"])
         apply_head_spec(model, meta.get("head"))
         model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-        if (model_dir / "tokenizer.json").exists():
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
     model.to(device).eval()
-    return model, meta, tokenizer
+    return model, meta, saved_tokenizer(model_dir, meta)
+
+
+def saved_tokenizer(model_dir: Path, meta: dict):
+    """The tokenizer saved beside a task model: the base's (transformers models), a word-level one trained from
+    scratch (scratch text models), or None (images, tables)."""
+    if meta["arch"] == "hf":
+        return load_tokenizer(model_dir)
+    if (Path(model_dir) / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    return None
 
 
 def load_adapter_model(adapter_dir: Path, meta: dict) -> HFClassifier:
