@@ -30,6 +30,7 @@ from taoke.lm.dpo import encode_pairs, evaluate_dpo, train_dpo
 from taoke.lm.generate import generate_eval
 from taoke.lm.load import load_adapter_run, load_causal_lm
 from taoke.lm.merge import parity_check, save_merged
+from taoke.lm.reference import check_against_edited_base, check_against_peft_merge
 from taoke.lm.train import evaluate_lm, train_lm
 from taoke.models.parts import count_parameters, find_stack
 from taoke.recipe import LM_TASKS, Recipe, recipe_to_yaml
@@ -177,6 +178,19 @@ def bits_per_byte(scores: dict, rows: list[dict], tok) -> float:
     return scores["loss"] * scores["tokens"] / math.log(2) / max(n_bytes, 1)
 
 
+def independent_references(recipe: Recipe, base: BaseRef, trained, edits: list[dict], saved: Path) -> dict:
+    """Saved shards vs PEFT's own merge of a copy, and (LoRA with depth/vocab edits) vs the base edited by hand."""
+    out = {}
+    peft = check_against_peft_merge(saved, trained)   # raises ParityError on a mismatch
+    if peft:
+        out["peft_merge"] = peft
+    if recipe.adapt.method == "lora":
+        base_model, _ = load_causal_lm(base, device="cpu")
+        out["edited_base"] = check_against_edited_base(saved, trained, base_model.state_dict(), edits)
+        del base_model
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the workflow
 
 def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None, quiet: bool = False,
@@ -236,9 +250,10 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
             "seq_len": recipe.lm.seq_len, "chat_template": tok.chat_template is not None})
         # an adapter is checked the way taoke chat/predict load it: its base with the adapter merged in
         load = (lambda d: load_adapter_run(d, device="cpu")[0]) if adapter_alone else None
-        parity = parity_check(run.model_dir, trained, tok, [p for p in prompts[:3]] or PARITY_PROMPTS,
-                              load=load)  # raises on a mismatch
+        parity = parity_check(run.model_dir, trained, tok, prompts or PARITY_PROMPTS, load=load)  # raises on a mismatch
         parity["reloaded"] = "as its base with the adapter merged in" if adapter_alone else "with plain transformers"
+        if not adapter_alone:  # the merged shards against references that share no code with save_merged
+            parity.update(independent_references(recipe, base, trained, edits, run.model_dir))
 
         lm_curves_png(hist.steps, run.path / "plots" / "loss.png", f"{recipe.name}: training loss")
         metric_names = [k for k in ("loss", "perplexity", "bits_per_byte", recipe.lm.gen_metric, "dpo_loss",

@@ -67,7 +67,10 @@ def render_lm_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[
              + (" (decoder layers compiled with torch.compile; the time includes compiling)" if hist.compiled else ""),
              f"- parity of the saved model (reloaded {parity.get('reloaded', 'with plain transformers')}) with the "
              f"trained one: passed, max logit difference {parity['max_logit_diff']:.2e} (tolerance "
-             f"{parity['tolerance']:.2e}), {same}/{len(parity.get('generations', []))} greedy generations identical",
+             f"{parity['tolerance']:.2e}), {same}/{len(parity.get('generations', []))} greedy generations identical "
+             "on held-out prompts",
+             *[f"- merged shards vs {ref['reference']}: {ref['tensors']} tensors, max |diff| {ref['max_abs_diff']:.2e}"
+               for ref in (parity.get("peft_merge"), parity.get("edited_base")) if ref],
              "",
              f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
     lines += comparison_table(rows, metrics, reference)

@@ -34,10 +34,13 @@ def node_modules() -> Path:
 
 
 def run_llamacpp(gguf: Path, *, tokenize: list[str] = (), greedy: list[dict] = (), nll: list[dict] = (),
-                 threads: int | None = None, timeout: float = 1800) -> dict:
-    """Load `gguf` in llama.cpp and answer the request (see llamacpp_check.mjs); ModelError when llama.cpp fails."""
+                 threads: int = 1, timeout: float = 1800) -> dict:
+    """Load `gguf` in llama.cpp and answer the request (see llamacpp_check.mjs); ModelError when llama.cpp fails.
+
+    One thread by default: llama.cpp's worker threads spin at each barrier, and on a CPU shared with other work
+    two threads ran 60x slower than one here (the check needs correctness, not speed; the bench sets threads)."""
     modules = node_modules()
-    request = {"model": str(Path(gguf).resolve()), "threads": threads or os.cpu_count() or 1,
+    request = {"model": str(Path(gguf).resolve()), "threads": threads,
                "tokenize": list(tokenize), "greedy": list(greedy), "nll": list(nll)}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as f:
         json.dump(request, f)
