@@ -29,6 +29,7 @@ from taoke.library import resolve
 from taoke.models import scratch
 from taoke.models.scratch import build_scratch
 from taoke.models.tokenizer import load_tokenizer
+from taoke.models.widths import resize_bert_attention
 
 HEAD_ATTRS = ("classifier", "score", "head")
 META_FILE = "taoke.json"
@@ -189,6 +190,8 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
         config = AutoConfig.from_pretrained(model_dir)
         model = HFClassifier(AutoModelForSequenceClassification.from_config(config))
         apply_head_spec(model, meta.get("head"))
+        if meta.get("attention_heads"):   # heads pruned: a BERT config cannot state it (edit/prune.py)
+            resize_bert_attention(model, meta["attention_heads"])
         state = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             state.update(load_file(str(f)))
