@@ -43,6 +43,7 @@ def test_pre_tokenizer_names():
         bpe_pre_name({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Whitespace"}})
 
 
+@pytest.mark.slow  # transformers rebuilds the 49k-token tokenizer from the file: ~25 s
 def test_f32_file_reads_back_in_transformers_with_the_same_logits(tiny, tmp_path):
     model, tok, d = tiny
     path = tmp_path / "m.gguf"
