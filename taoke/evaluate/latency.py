@@ -10,13 +10,13 @@ import torch
 from taoke.train.batches import Encoded
 
 
-def row_batches(encoded: Encoded, rows: int = 32) -> list[dict]:
+def row_batches(encoded: Encoded, rows: int = 16) -> list[dict]:
     """The first `rows` rows of an encoded split, one per batch (batch-1 latency)."""
     return [{k: v for k, v in encoded.batch([i]).items() if k != "labels"} for i in range(min(rows, len(encoded)))]
 
 
 @torch.no_grad()
-def latency_ms(model: torch.nn.Module, batches: list[dict], repeats: int = 3) -> dict:
+def latency_ms(model: torch.nn.Module, batches: list[dict], repeats: int = 2) -> dict:
     """Median and p95 of the time of one forward per batch, repeated, fp32, on the model's device."""
     was_training = model.training
     model.eval()
