@@ -144,7 +144,8 @@ def apply_edits(recipe: Recipe, model, tok, train_items: list | None = None) -> 
             detail, prefixes = expand_layers(model, cfg.after, {})
             train_only += prefixes if cfg.train_only_new else []
         elif op == "prune":
-            sample = random.Random(recipe.train.seed).sample(train_items or [], min(cfg.samples, len(train_items or [])))
+            items = train_items or []
+            sample = random.Random(recipe.train.seed).sample(items, min(cfg.samples, len(items)))
             detail = prune(model, cfg.mlp, cfg.heads, cfg.by, lambda: calibration_batches(recipe, tok, sample))
         else:
             detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
@@ -170,8 +171,8 @@ def measured(model, scores: dict, held_rows: list[dict], metric_names: list[str]
     """Scores plus parameter count and latency (one forward of each of the first held-out rows, <= 128 tokens)."""
     batches = [{"input_ids": torch.tensor([(r["chosen"] if "chosen" in r else r)["input_ids"][:128]])}
                for r in held_rows[:8]]
-    return {**{k: v for k, v in scores.items() if k in metric_names and isinstance(v, (int, float))}, "params": count_parameters(model)[0],
-            **latency_ms(model, batches)}
+    kept = {k: v for k, v in scores.items() if k in metric_names and isinstance(v, (int, float))}
+    return {**kept, "params": count_parameters(model)[0], **latency_ms(model, batches)}
 
 
 def new_token_ids(edits: list[dict]) -> list[int] | None:
