@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.taoke-installed
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup llama demo test test-all clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,15 +16,23 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Real llama.cpp for the GGUF export check: node-llama-cpp's prebuilt binaries (no compiler), pinned, in .node/.
+LLAMA_STAMP := .node/node_modules/node-llama-cpp/package.json
+$(LLAMA_STAMP):
+	@if command -v npm >/dev/null 2>&1; then mkdir -p .node && cd .node && npm i -E --no-audit --no-fund --loglevel=error node-llama-cpp@3.21.1; \
+	else echo "npm not found: the GGUF export check (llama.cpp through node-llama-cpp) will be unavailable"; fi
+
+llama: $(LLAMA_STAMP)
+
+setup: $(STAMP) llama
 
 demo: $(STAMP)
 	$(BIN)/taoke derive recipes/text-topics.yaml
 
-test: $(STAMP)
+test: $(STAMP) llama
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test-all: $(STAMP)
+test-all: $(STAMP) llama
 	$(BIN)/python -m pytest -q tests
 
 clean:

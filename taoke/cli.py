@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from taoke import cli_provenance
+from taoke import cli_export, cli_provenance
 from taoke.derive import derive as derive_run
 from taoke.errors import DataError, TaokeError
 from taoke.evaluate.compare import compare_runs
@@ -209,6 +209,7 @@ def runs_show(run: Path, as_json: bool = typer.Option(False, "--json", help="pri
 
 
 cli_provenance.register(app)
+cli_export.register(app)
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ LM_TASKS = ("causal-lm", "sft", "dpo")
 TASKS = CLASSIFICATION_TASKS + LM_TASKS
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall")
 REGRESSION_METRICS = ("mae", "rmse", "r2")
-LM_EDITS = ("drop_layers", "expand_layers", "expand_vocab")
+LM_EDITS = ("drop_layers", "expand_layers", "expand_vocab", "prune")
+PRUNE_TASKS = ("text-classification",) + LM_TASKS
 
 
 def field(default: Any = ..., doc: str = "", tasks: tuple[str, ...] = TASKS, **constraints) -> Any:
@@ -202,9 +203,27 @@ class ExpandVocab(Strict):
         return self
 
 
+class Prune(Strict):
+    """Structured width pruning: whole MLP units and attention heads (KV groups under grouped-query attention)
+    leave every block of a BERT-family encoder or LLaMA-family decoder; the training that follows heals it."""
+    mlp: float = field(0.0, "fraction of each block's MLP units to remove", PRUNE_TASKS, ge=0.0, lt=1.0)
+    heads: float = field(0.0, "fraction of each block's attention heads (KV groups when the model groups its "
+                              "queries) to remove", PRUNE_TASKS, ge=0.0, lt=1.0)
+    by: Literal["magnitude", "activation"] = field(
+        "activation", "importance: weight magnitude, or activations measured on training examples times the "
+                      "output weights", PRUNE_TASKS)
+    samples: int = field(64, "by activation: training examples measured", PRUNE_TASKS, gt=0)
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.mlp == 0 and self.heads == 0:
+            raise ValueError("give mlp: and/or heads: as fractions to remove, e.g. {mlp: 0.3, heads: 0.25}")
+        return self
+
+
 EDITS: dict[str, type[Strict]] = {"insert_hidden": InsertHidden, "replace_head": ReplaceHead,
                                   "drop_layers": DropLayers, "expand_layers": ExpandLayers, "freeze": Freeze,
-                                  "expand_vocab": ExpandVocab}
+                                  "expand_vocab": ExpandVocab, "prune": Prune}
 
 
 class AdaptConfig(Strict):
@@ -341,7 +360,7 @@ class Recipe(Strict):
             for op, cfg in self.steps("edits"):
                 if op not in LM_EDITS:
                     raise ValueError(f"edits: '{op}' does not apply to causal LMs (use {', '.join(LM_EDITS)})")
-                if op in ("drop_layers", "expand_layers") and self.saves_adapter_only:
+                if op in ("drop_layers", "expand_layers", "prune") and self.saves_adapter_only:
                     raise ValueError(f"edits.{op} changes the architecture, which an adapter saved alone cannot "
                                      "carry (it is applied to the published base): set adapt.merge: true")
                 if op == "expand_layers" and cfg.train_only_new and a.method in ("lora", "dora"):
@@ -350,6 +369,12 @@ class Recipe(Strict):
                                      "train_only_new: false")
             if self.k_fold:
                 raise ValueError("k_fold applies to classification and regression tasks")
+        elif any(op == "prune" for op, _ in self.steps("edits")):
+            if self.task != "text-classification":
+                raise ValueError(f"edits.prune applies to transformer text classifiers and causal LMs, not {self.task}")
+            if self.saves_adapter_only:
+                raise ValueError("edits.prune changes the architecture, which an adapter saved alone cannot carry "
+                                 "(it is applied to the unpruned base): set adapt.merge: true")
         return self
 
     @property

@@ -8,7 +8,7 @@ edits) runs before the run directory is created.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from taoke.derive.record import build_lineage
 from taoke.edit import EditResult, apply_edits, apply_post_adapt
 from taoke.errors import ModelError, RecipeError
 from taoke.evaluate import baselines
+from taoke.evaluate.latency import latency_ms, row_batches
 from taoke.evaluate.metrics import confusion, metrics_from_outputs
 from taoke.evaluate.plots import comparison_png, confusion_png, curves_png
 from taoke.evaluate.report import render_report
@@ -41,6 +42,7 @@ from taoke.models.tokenizer import load_tokenizer
 from taoke.recipe import CLASSIFICATION_METRICS, REGRESSION_METRICS, Augment, Recipe, recipe_to_yaml
 from taoke.run import Run
 from taoke.train.checkpoint import checkpoint_position
+from taoke.train.batches import batch_indices
 from taoke.train.classifier import fit, predict
 from taoke.train.core import seed_everything
 
@@ -58,6 +60,7 @@ class Built:
     meta: dict            # what goes to model/taoke.json
     edits: list[dict]
     edited: EditResult
+    compression: list[tuple[str, dict]] = field(default_factory=list)   # prune: before / after, measured
 
 
 def check_base(recipe: Recipe, base: BaseRef) -> None:
@@ -87,13 +90,15 @@ def check_base(recipe: Recipe, base: BaseRef) -> None:
                          "(e.g. minilm-l6) or a from-scratch architecture.")
 
 
-def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
+def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan, measure: bool = False) -> Built:
+    """The model with its edits applied; `measure` also scores the model before and after a prune edit."""
     kind = plan.spec["inputs"]["kind"]
     regression = plan.regression
     outputs = 1 if regression else len(plan.labels)
     edits = recipe.steps("edits")
     tokenizer = None
     head_spec = None
+    parent_meta: dict = {}
     labels_changed = False
 
     if base.is_scratch:
@@ -139,11 +144,40 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan) -> Built:
     if not labels_changed and current_out != outputs:
         labels_changed = True
     arch_cfg = dict(arch_cfg)
-    edited = apply_edits(model, tokenizer, edits, outputs, labels_changed, head_spec, arch_cfg)
+    prunes = any(op == "prune" for op, _ in edits)
+    test = encode_frame(plan.splits["test"], plan.spec, tokenizer) if measure and prunes and "test" in plan.splits \
+        else None
+    compression = [compression_row("unpruned (before the edits)", model, test, plan)] if test is not None else []
+    calibration = lambda n: calibration_batches(plan, tokenizer, n, recipe.train.seed)  # noqa: E731
+    edited = apply_edits(model, tokenizer, edits, outputs, labels_changed, head_spec, arch_cfg, calibration)
+    if test is not None:
+        compression.append(compression_row("pruned, before healing", model, test, plan))
     meta = {"task": recipe.task, "arch": arch_name, "arch_config": arch_cfg, "num_outputs_base": num_outputs_base,
             "labels": plan.labels, "label_column": plan.spec["label_column"], "inputs": plan.spec["inputs"],
             "target_scale": plan.spec.get("target_scale"), "head": edited.head_spec}
-    return Built(model, tokenizer, meta, edited.records, edited)
+    # heads pruned here or in the parent: a BERT config cannot say so, the loader resizes the attention
+    heads = next((r["heads"][1] for r in edited.records if r["op"] == "prune" and not r["plain_transformers"]),
+                 parent_meta.get("attention_heads"))
+    if heads:
+        meta["attention_heads"] = heads
+    return Built(model, tokenizer, meta, edited.records, edited, compression)
+
+
+def calibration_batches(plan: DataPlan, tokenizer, samples: int, seed: int):
+    """Training batches for edits that measure activations: a seeded sample of the training split."""
+    train = plan.splits["train"]
+    frame = train.sample(min(samples, len(train)), random_state=seed)
+    encoded = encode_frame(frame, plan.spec, tokenizer)
+    return (encoded.batch(idx) for idx in batch_indices(encoded, 16, shuffle=False))
+
+
+def compression_row(name: str, model: torch.nn.Module, test, plan: DataPlan) -> tuple[str, dict]:
+    """Test-split scores, parameter count and measured latency of the model as it is now."""
+    out = predict(model, test, precision="fp32")
+    units = lambda x: to_target_units(x, plan.spec)  # noqa: E731
+    m = {k: v for k, v in metrics_from_outputs(units(out), units(test.targets), plan.regression).items()
+         if not isinstance(v, dict)}
+    return name, {**m, "params": sum(p.numel() for p in model.parameters()), **latency_ms(model, row_batches(test))}
 
 
 def evaluate_base(recipe: Recipe, base: BaseRef, plan: DataPlan, test_targets: torch.Tensor) -> tuple[list, list]:
@@ -250,7 +284,7 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
     seed_everything(recipe.train.seed)  # model init (new heads, scratch weights) is seeded too
     plan = prepare_data(recipe)
     # 2. model + structure edits + adaptation
-    built = build_model(recipe, base, plan)
+    built = build_model(recipe, base, plan, measure=not dry_run)
     adaptation = adapt(built.model, recipe.adapt)
     apply_post_adapt(built.model, built.edited)
     adaptation["trainable_params"] = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
@@ -300,6 +334,8 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
         base_rows, notes = evaluate_base(recipe, base, plan, encoded["test"].targets) if recipe.eval.compare_base \
             else ([], [])
         rows = base_rows + [("derived", {k: v for k, v in derived.items() if k != "per_class"})]
+        compression = built.compression and built.compression + [
+            compression_row("derived (pruned and healed)", built.model, encoded["test"], plan)]
         reference = base_rows[0][0] if base_rows else None
         log({"type": "test", "derived": rows[-1][1], **{name: m for name, m in base_rows}})
 
@@ -325,6 +361,7 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
                   "split": recipe.data.split.model_dump(), "labels": plan.labels},
             recipe_sha256=sha256_bytes(recipe_yaml.encode()),
             metrics={"derived": rows[-1][1], "derived_per_class": derived.get("per_class"), "k_fold": cv,
+                     **({"compression": dict(compression)} if compression else {}),
                      **{name: m for name, m in base_rows}, "reference": reference},
             license=base.license if not base.is_scratch else None)
         save_task_model(built.model.cpu(), run.model_dir, built.meta, built.tokenizer)
@@ -332,7 +369,8 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
         fit_info = {"epochs_run": len(result.history), "seconds": result.seconds, "precision": result.precision,
                     "samples_per_s": result.samples_per_s, "best_epoch": result.best_epoch, "monitor": result.monitor}
         report = render_report(lineage=lineage, rows=rows, metrics=metric_names, reference=reference, notes=notes,
-                               per_class=derived.get("per_class"), fit=fit_info, plots=plots, k_fold=cv)
+                               per_class=derived.get("per_class"), fit=fit_info, plots=plots, k_fold=cv,
+                               compression=compression)
         run.finish(lineage=lineage, card=model_card(lineage, rows, metric_names, library), report=report,
                    rows=rows, metrics=metric_names, reference=reference, quiet=quiet)
     shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only needed while the run can be resumed

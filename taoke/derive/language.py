@@ -12,14 +12,17 @@ import math
 import random
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
 from taoke.adapt.language import adapt_lm
 from taoke.derive.card import model_card
 from taoke.derive.record import build_lineage
 from taoke.edit.layers import check_indices, drop_layers, expand_layers, kept_layers
+from taoke.edit.prune import kept_counts, prune
 from taoke.edit.vocab import expand_vocab, read_tokens
 from taoke.errors import DataError, ModelError
+from taoke.evaluate.latency import latency_ms
 from taoke.evaluate.plots import lm_curves_png
 from taoke.evaluate.report import render_lm_report
 from taoke.files import sha256_bytes, sha256_file, write_json_atomic
@@ -30,8 +33,10 @@ from taoke.lm.dpo import encode_pairs, evaluate_dpo, train_dpo
 from taoke.lm.generate import generate_eval
 from taoke.lm.load import load_adapter_run, load_causal_lm
 from taoke.lm.merge import parity_check, save_merged
+from taoke.lm.reference import check_against_edited_base, check_against_peft_merge
 from taoke.lm.train import evaluate_lm, train_lm
-from taoke.models.parts import count_parameters, find_stack
+from taoke.models.parts import count_parameters, find_stack, unwrap
+from taoke.models.widths import blocks, head_shape
 from taoke.recipe import LM_TASKS, Recipe, recipe_to_yaml
 from taoke.run import Run
 
@@ -120,12 +125,16 @@ def check_edits(recipe: Recipe, model) -> None:
         elif op == "expand_layers":
             check_indices(cfg.after, depth, "expand_layers.after")
             depth += len(set(cfg.after))
+        elif op == "prune":
+            bs = blocks(model)   # refuses architectures it cannot prune
+            kept_counts(bs[0].get(bs[0].mlp_out).in_features, head_shape(model)[1], cfg.mlp, cfg.heads)
         else:
             read_tokens(cfg.tokens, cfg.file)
 
 
-def apply_edits(recipe: Recipe, model, tok) -> tuple[list[dict], list[str]]:
-    """Apply the edits in order; returns their records and, for train_only_new, the names that alone train."""
+def apply_edits(recipe: Recipe, model, tok, train_items: list | None = None) -> tuple[list[dict], list[str]]:
+    """Apply the edits in order; returns their records and, for train_only_new, the names that alone train.
+    `train_items` are the training examples a prune edit measures activations on."""
     records, train_only = [], []
     for op, cfg in recipe.steps("edits"):
         before = count_parameters(model)[0]
@@ -134,6 +143,10 @@ def apply_edits(recipe: Recipe, model, tok) -> tuple[list[dict], list[str]]:
         elif op == "expand_layers":
             detail, prefixes = expand_layers(model, cfg.after, {})
             train_only += prefixes if cfg.train_only_new else []
+        elif op == "prune":
+            items = train_items or []
+            sample = random.Random(recipe.train.seed).sample(items, min(cfg.samples, len(items)))
+            detail = prune(model, cfg.mlp, cfg.heads, cfg.by, lambda: calibration_batches(recipe, tok, sample))
         else:
             detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
         records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail, "params_before": before,
@@ -144,6 +157,22 @@ def apply_edits(recipe: Recipe, model, tok) -> tuple[list[dict], list[str]]:
         ids = {id(p) for m in tables if m is not None for p in m.parameters()}
         train_only += [n for n, p in model.named_parameters() if id(p) in ids]
     return records, train_only
+
+
+def calibration_batches(recipe: Recipe, tok, items: list):
+    """One example per batch (no padding to mask) for edits that measure activations."""
+    rows = encode(recipe, tok, items)
+    for r in rows:
+        ids = (r["chosen"] if recipe.task == "dpo" else r)["input_ids"]
+        yield {"input_ids": torch.tensor([ids])}
+
+
+def measured(model, scores: dict, held_rows: list[dict], metric_names: list[str]) -> dict:
+    """Scores plus parameter count and latency (one forward of each of the first held-out rows, <= 128 tokens)."""
+    batches = [{"input_ids": torch.tensor([(r["chosen"] if "chosen" in r else r)["input_ids"][:128]])}
+               for r in held_rows[:8]]
+    kept = {k: v for k, v in scores.items() if k in metric_names and isinstance(v, (int, float))}
+    return {**kept, "params": count_parameters(model)[0], **latency_ms(model, batches)}
 
 
 def new_token_ids(edits: list[dict]) -> list[int] | None:
@@ -177,6 +206,19 @@ def bits_per_byte(scores: dict, rows: list[dict], tok) -> float:
     return scores["loss"] * scores["tokens"] / math.log(2) / max(n_bytes, 1)
 
 
+def independent_references(recipe: Recipe, base: BaseRef, trained, edits: list[dict], saved: Path) -> dict:
+    """Saved shards vs PEFT's own merge of a copy, and (LoRA with depth/vocab edits) vs the base edited by hand."""
+    out = {}
+    peft = check_against_peft_merge(saved, trained)   # raises ParityError on a mismatch
+    if peft:
+        out["peft_merge"] = peft
+    if recipe.adapt.method == "lora" and not any(e["op"] == "prune" for e in edits):  # pruning keeps no by-hand recipe
+        base_model, _ = load_causal_lm(base, device="cpu")
+        out["edited_base"] = check_against_edited_base(saved, trained, base_model.state_dict(), edits)
+        del base_model
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- the workflow
 
 def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None, quiet: bool = False,
@@ -189,7 +231,7 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
     train_items, held_items, files = read_examples(recipe)
     check_edits(recipe, model)  # a bad edit fails now, not after the base evaluation
     if dry_run:
-        edits, train_only = apply_edits(recipe, model, tok)
+        edits, train_only = apply_edits(recipe, model, tok, train_items)
         model, counts = adapt_lm(model, recipe.adapt, train_only or None, new_token_ids(edits))
         Console().print(model)
         Console().print(f"{counts['total_params']:,} parameters, {counts['trainable_params']:,} trainable "
@@ -209,7 +251,11 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
         held_rows = encode(recipe, tok, held_items)
         base_scores = score(recipe, model, tok, held_rows, prompts, refs)
         log({"type": "base", **{k: v for k, v in base_scores.items() if k != "samples"}})
-        edits, train_only = apply_edits(recipe, model, tok)
+        prunes = any(op == "prune" for op, _ in recipe.steps("edits"))
+        unpruned = measured(model, base_scores, held_rows, list(base_scores)) if prunes else None
+        edits, train_only = apply_edits(recipe, model, tok, train_items)
+        if prunes:  # the pruned model before any training heals it, on the same held-out examples
+            pruned = measured(model, score(recipe, model, tok, held_rows, prompts, refs), held_rows, list(base_scores))
         if any(e["op"] == "expand_vocab" for e in edits):  # the new tokens change how the held-out text splits
             held_rows = encode(recipe, tok, held_items)
         train_rows = encode(recipe, tok, train_items)
@@ -236,9 +282,10 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
             "seq_len": recipe.lm.seq_len, "chat_template": tok.chat_template is not None})
         # an adapter is checked the way taoke chat/predict load it: its base with the adapter merged in
         load = (lambda d: load_adapter_run(d, device="cpu")[0]) if adapter_alone else None
-        parity = parity_check(run.model_dir, trained, tok, [p for p in prompts[:3]] or PARITY_PROMPTS,
-                              load=load)  # raises on a mismatch
+        parity = parity_check(run.model_dir, trained, tok, prompts or PARITY_PROMPTS, load=load)  # raises on a mismatch
         parity["reloaded"] = "as its base with the adapter merged in" if adapter_alone else "with plain transformers"
+        if not adapter_alone:  # the merged shards against references that share no code with save_merged
+            parity.update(independent_references(recipe, base, trained, edits, run.model_dir))
 
         lm_curves_png(hist.steps, run.path / "plots" / "loss.png", f"{recipe.name}: training loss")
         metric_names = [k for k in ("loss", "perplexity", "bits_per_byte", recipe.lm.gen_metric, "dpo_loss",
@@ -257,6 +304,12 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
             metrics={reference: rows[0][1], "derived": rows[1][1], "reference": reference, "parity": parity,
                      "tokens_per_s": hist.tokens_per_s},
             license=base.license)
-        report = render_lm_report(lineage, rows, metric_names, reference, base_scores, derived_scores, hist, parity)
+        compression = [(f"{reference} (as published)", unpruned), ("pruned, before healing", pruned),
+                       ("derived (pruned and healed)", measured(unwrap(trained), derived_scores, held_rows,
+                                                               metric_names))] if prunes else None
+        if compression:
+            lineage["metrics"]["compression"] = dict(compression)
+        report = render_lm_report(lineage, rows, metric_names, reference, base_scores, derived_scores, hist, parity,
+                                  compression)
         return run.finish(lineage=lineage, card=model_card(lineage, rows, metric_names, "transformers"),
                           report=report, rows=rows, metrics=metric_names, reference=reference, quiet=quiet)

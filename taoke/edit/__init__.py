@@ -9,6 +9,7 @@ from torch import nn
 from taoke.edit.freeze import freeze, train_only
 from taoke.edit.head import insert_hidden, replace_head
 from taoke.edit.layers import drop_layers, expand_layers
+from taoke.edit.prune import prune
 from taoke.edit.vocab import expand_vocab, read_tokens
 from taoke.errors import RecipeError
 from taoke.models.task_model import HFClassifier
@@ -23,7 +24,8 @@ class EditResult:
 
 
 def apply_edits(model: nn.Module, tokenizer, edits: list[tuple[str, object]], outputs: int, labels_changed: bool,
-                head_spec: dict | None, arch_config: dict) -> EditResult:
+                head_spec: dict | None, arch_config: dict, calibration=None) -> EditResult:
+    """`calibration(samples)` gives training batches for edits that measure activations (prune by activation)."""
     result = EditResult(head_spec)
     ops = [op for op, _ in edits]
     if labels_changed and "replace_head" not in ops and "insert_hidden" not in ops:
@@ -52,6 +54,11 @@ def apply_edits(model: nn.Module, tokenizer, edits: list[tuple[str, object]], ou
             if not isinstance(model, HFClassifier):
                 raise RecipeError(f"edits[{i}].expand_vocab needs a transformers base (tokenizer + embeddings).")
             detail = expand_vocab(model.hf, tokenizer, read_tokens(cfg.tokens, cfg.file), cfg.init)
+        elif op == "prune":
+            if not isinstance(model, HFClassifier):
+                raise RecipeError(f"edits[{i}].prune needs a transformers encoder (BERT family), not a scratch model.")
+            detail = prune(model, cfg.mlp, cfg.heads, cfg.by,
+                           (lambda: calibration(cfg.samples)) if calibration is not None else None)
         after = sum(p.numel() for p in model.parameters())
         result.records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail,
                                "params_before": before, "params_after": after})

@@ -17,9 +17,23 @@ def comparison_table(rows: list[tuple[str, dict]], metrics: list[str], reference
     return out
 
 
+def compression_table(rows: list[tuple[str, dict]], metrics: list[str]) -> list[str]:
+    """Scores, parameter count and measured latency of the model before and after width pruning."""
+    out = ["| model | " + " | ".join(metrics) + " | parameters | latency p50 (ms) | speed-up |",
+           "|---|" + "---:|" * (len(metrics) + 3)]
+    first = rows[0][1]["ms_p50"]
+    for name, m in rows:
+        out.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" if k in m else "-" for k in metrics)
+                   + f" | {m['params']:,} | {m['ms_p50']:.2f} | {first / m['ms_p50']:.2f}x |")
+    m = rows[0][1]
+    out += ["", f"Latency: one row per forward (batch 1), median of {m['repeats']} passes over {m['rows']} test rows, "
+                f"fp32 on {m['device']} with {m['threads']} threads, measured while the run ran."]
+    return out
+
+
 def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[str], reference: str | None,
                   notes: list[str], per_class: dict | None, fit: dict, plots: list[str],
-                  k_fold: dict | None = None) -> str:
+                  k_fold: dict | None = None, compression: list[tuple[str, dict]] | None = None) -> str:
     base = lineage["base"]
     lines = [f"# {lineage['name']}", "",
              f"- task: {lineage['task']}",
@@ -35,6 +49,9 @@ def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[
              "## Base vs derived on the same test split", ""]
     lines += comparison_table(rows, metrics, reference)
     lines += [""] + [f"- {n}" for n in notes]
+    if compression:
+        lines += ["", "## Pruning: before, pruned before healing, derived (same test split)", ""]
+        lines += compression_table(compression, metrics)
     if k_fold:
         lines += ["", f"## {k_fold['k']}-fold cross-validation (train + validation rows, a fresh model per fold)", "",
                   "| metric | mean ± std | folds |", "|---|---:|---|"]
@@ -53,7 +70,8 @@ def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[
 
 
 def render_lm_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[str], reference: str,
-                     base_scores: dict, derived_scores: dict, hist, parity: dict) -> str:
+                     base_scores: dict, derived_scores: dict, hist, parity: dict,
+                     compression: list[tuple[str, dict]] | None = None) -> str:
     """report.md of a language-model run: scores on the same held-out examples, parity, sample generations."""
     same = sum(g["identical"] for g in parity.get("generations", []))
     lines = [f"# {lineage['name']}", "", f"- task: {lineage['task']}",
@@ -67,7 +85,10 @@ def render_lm_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[
              + (" (decoder layers compiled with torch.compile; the time includes compiling)" if hist.compiled else ""),
              f"- parity of the saved model (reloaded {parity.get('reloaded', 'with plain transformers')}) with the "
              f"trained one: passed, max logit difference {parity['max_logit_diff']:.2e} (tolerance "
-             f"{parity['tolerance']:.2e}), {same}/{len(parity.get('generations', []))} greedy generations identical",
+             f"{parity['tolerance']:.2e}), {same}/{len(parity.get('generations', []))} greedy generations identical "
+             "on held-out prompts",
+             *[f"- merged shards vs {ref['reference']}: {ref['tensors']} tensors, max |diff| {ref['max_abs_diff']:.2e}"
+               for ref in (parity.get("peft_merge"), parity.get("edited_base")) if ref],
              "",
              f"## {reference.capitalize()} vs derived on the same held-out examples", ""]
     lines += comparison_table(rows, metrics, reference)
@@ -82,5 +103,8 @@ def render_lm_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[
                       f"- reference: {d.get('reference', '')}",
                       f"- {reference}: {b.get('prediction', '') if b else ''}",
                       f"- derived: {d.get('prediction', '')}", ""]
+    if compression:
+        lines += ["", "## Pruning: base, pruned before healing, derived (same held-out examples)", ""]
+        lines += compression_table(compression, [m for m in metrics if m in compression[0][1]])
     lines += ["", "![loss](plots/loss.png)", ""]
     return "\n".join(lines)

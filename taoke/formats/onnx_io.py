@@ -62,11 +62,18 @@ class OnnxReader(WeightReader):
                                                  zero_point=ins[2] if len(ins) > 2 and ins[2] else None, axis=axis)
                 hidden.update(i for i in ins if i)
                 continue
+            if node.op_type == "MatMulInteger" and len(ins) > 1 and ins[1] in self._inits:
+                # ONNX Runtime's dynamic quantisation: int8 weight W_quantized with W_scale / W_zero_point beside it
+                stem = ins[1].removesuffix("_quantized")
+                dq_out[ins[1]] = _Source(ins[1], scale=f"{stem}_scale" if f"{stem}_scale" in self._inits else None,
+                                         zero_point=f"{stem}_zero_point" if f"{stem}_zero_point" in self._inits
+                                         else None)
+                hidden.update(i for i in ins[2:] if i)
             for pos, name in enumerate(ins):
                 src = dq_out.get(name) or (_Source(name) if name in self._inits else None)
-                if src is None:
-                    continue
-                trans = (node.op_type == "MatMul" and pos == 1) or (
+                if src is None or (src.scale is None and not self._inits[src.init].dims):
+                    continue  # scalars (e.g. a quantisation scale fed to a Mul) are no weights and must not take a name
+                trans = (node.op_type in ("MatMul", "MatMulInteger") and pos == 1) or (
                     node.op_type == "Gemm" and pos == 1 and not any(a.name == "transB" and a.i for a in node.attribute))
                 src = _Source(src.init, trans, src.scale, src.zero_point, src.axis)
                 key = name if name in self._inits else src.init

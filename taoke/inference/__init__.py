@@ -1,5 +1,6 @@
 """Use a derived model: `taoke.load(ref)` gives a predictor with the model, its tokenizer, `predict` and
-`evaluate`, for classifiers/regressors (inference/task.py) and language models (inference/language.py)."""
+`evaluate`, for classifiers/regressors (inference/task.py; exported to ONNX: inference/onnx_runtime.py) and
+language models (inference/language.py; exported to GGUF: loaded through transformers' GGUF reader)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from pathlib import Path
 
 from taoke.errors import ModelError
 from taoke.inference.language import LanguagePredictor
+from taoke.inference.onnx_runtime import OnnxPredictor, is_onnx_model
 from taoke.inference.task import TaskPredictor
+from taoke.models.task_model import read_meta
 from taoke.recipe import LM_TASKS
 from taoke.run import Run
 
-Predictor = TaskPredictor | LanguagePredictor
+Predictor = TaskPredictor | OnnxPredictor | LanguagePredictor
 
 
 def locate(ref: str | Path) -> tuple[Path, Run | None]:
@@ -32,5 +35,9 @@ def load(ref: str | Path, device: str | None = None) -> Predictor:
     model_dir, run = locate(ref)
     if run is not None:
         run.check_model_files()
-    predictor = LanguagePredictor if TaskPredictor.read_task(model_dir) in LM_TASKS else TaskPredictor
+    meta = read_meta(model_dir)
+    if is_onnx_model(meta):
+        predictor = OnnxPredictor
+    else:
+        predictor = LanguagePredictor if meta.get("task") in LM_TASKS else TaskPredictor
     return predictor.load(model_dir, run, device)

@@ -15,6 +15,7 @@ from taoke.evaluate.metrics import metrics_from_outputs
 from taoke.hardware import pick_device
 from taoke.models.task_model import load_task_model, read_meta
 from taoke.run import Run
+from taoke.train.batches import Encoded
 from taoke.train.classifier import predict
 
 
@@ -43,7 +44,11 @@ class TaskPredictor:
         """Raw outputs (logits, or standardised predictions for regression) for the rows of a frame."""
         encoded = encode_frame(frame.drop(columns=[self.meta["label_column"]], errors="ignore"), self.meta,
                                self.tokenizer)
-        return self.finite(predict(self.model, encoded))
+        return self.finite(self.forward(encoded))
+
+    def forward(self, encoded: Encoded) -> torch.Tensor:
+        """Outputs for encoded rows (the one place a backend runs the network)."""
+        return predict(self.model, encoded)
 
     def finite(self, outputs: torch.Tensor) -> torch.Tensor:
         """Outputs as they are, or a ModelError when any is NaN/inf: such a number is never shown as a result."""
@@ -99,7 +104,7 @@ class TaskPredictor:
                 raise DataError(f"{data}: label column '{self.meta['label_column']}' not found; columns are: "
                                 f"{', '.join(map(str, frame.columns))}.")
         encoded = encode_frame(frame, self.meta, self.tokenizer)
-        outputs = self.finite(predict(self.model, encoded))
+        outputs = self.finite(self.forward(encoded))
         metrics = metrics_from_outputs(to_target_units(outputs, self.meta), to_target_units(encoded.targets, self.meta),
                                        self.labels is None, self.labels, per_class=True)
         return {"model": str(self.run.path if self.run else self.model_dir), "data": source, "rows": len(frame),

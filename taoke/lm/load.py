@@ -73,13 +73,16 @@ def plain_model_dir(ref: str | os.PathLike | BaseRef) -> Path:
     base = _as_base(ref)
     if base.path is None:
         raise ModelError(f"{base.name}: a from-scratch architecture is not a pretrained causal LM")
-    if base.format == "gguf" or (base.path.is_file() and base.path.suffix.lower() == ".gguf"):
-        target = _gguf_cache_dir(base.path)
-        if not (target / "config.json").exists():
-            GGUFWeightReader(base.path).close()   # a malformed file fails here with its name, not inside transformers
-            _dequantize_gguf_to_dir(base.path, target)
-        return target
     model_dir = base.model_dir
+    gguf = base.path if base.format == "gguf" or base.path.suffix.lower() == ".gguf" else None
+    if gguf is None and not (model_dir / "config.json").exists():
+        gguf = next(iter(sorted(model_dir.glob("*.gguf"))), None)   # e.g. the model/ of a GGUF export
+    if gguf is not None:
+        target = _gguf_cache_dir(gguf)
+        if not (target / "config.json").exists():
+            GGUFWeightReader(gguf).close()   # a malformed file fails here with its name, not inside transformers
+            _dequantize_gguf_to_dir(gguf, target)
+        return target
     if not (model_dir / "config.json").exists():
         raise ModelError(f"{base.name}: {model_dir} has no config.json; a causal LM must be an HF directory or a "
                          "GGUF file")

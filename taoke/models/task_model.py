@@ -31,6 +31,7 @@ from taoke.library import resolve
 from taoke.models import scratch
 from taoke.models.scratch import build_scratch
 from taoke.models.tokenizer import load_tokenizer
+from taoke.models.widths import resize_bert_attention
 
 HEAD_ATTRS = ("classifier", "score", "head")
 SCRATCH_ARCHS = ("cnn", "mlp", "lstm", "gru", "transformer")
@@ -228,14 +229,14 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     check_model_dir(model_dir)   # config sizes and safetensors headers, before anything is allocated
-    tokenizer = None
     if meta["arch"] == "hf" and meta.get("adapter") and not meta["adapter"].get("merged"):
         model = load_adapter_model(model_dir, meta)
-        tokenizer = load_tokenizer(model_dir)
     elif meta["arch"] == "hf":
         config = hf_config(model_dir)
         model = HFClassifier(AutoModelForSequenceClassification.from_config(config))
         apply_head_spec(model, meta.get("head"))
+        if meta.get("attention_heads"):   # heads pruned: a BERT config cannot state it (edit/prune.py)
+            resize_bert_attention(model, meta["attention_heads"])
         state = {}
         for f in sorted(model_dir.glob("*.safetensors")):
             state.update(load_file(str(f)))
@@ -245,14 +246,21 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
         if real_missing or unexpected:
             raise ModelError(f"{model_dir}: weights do not match the architecture "
                              f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}).")
-        tokenizer = load_tokenizer(model_dir)
     else:
         model = _build_scratch_checked(model_dir, meta)
         _load_state(model, load_file(str(model_dir / "model.safetensors")), model_dir, strict=True)
-        if (model_dir / "tokenizer.json").exists():
-            tokenizer = load_tokenizer(model_dir, fast_only=True)
     model.to(device).eval()
-    return model, meta, tokenizer
+    return model, meta, saved_tokenizer(model_dir, meta)
+
+
+def saved_tokenizer(model_dir: Path, meta: dict):
+    """The tokenizer saved beside a task model: the base's (transformers models), a word-level one trained from
+    scratch (scratch text models), or None (images, tables)."""
+    if meta["arch"] == "hf":
+        return load_tokenizer(model_dir)
+    if (Path(model_dir) / "tokenizer.json").exists():
+        return load_tokenizer(model_dir, fast_only=True)
+    return None
 
 
 def load_adapter_model(adapter_dir: Path, meta: dict) -> HFClassifier:

@@ -1,0 +1,6 @@
+"""Ship a derived model: export it to the formats its runtimes load (GGUF, ONNX, HF), checked in those runtimes
+and recorded as a derivation of the run (ship/export.py)."""
+
+from taoke.ship.export import export
+
+__all__ = ["export"]

@@ -1,0 +1,270 @@
+"""Export a causal-LM run: GGUF (+ Ollama Modelfile) checked in real llama.cpp and in transformers' GGUF reader,
+or a plain merged HF directory checked by a plain transformers reload.
+
+The check compares the export with taoke's own model (the run's model, fp32, adapters merged) on the run's
+held-out examples, rebuilt from its recipe exactly as the run split them:
+  - tokenization: llama.cpp's tokenizer vs the run's HF tokenizer on the held-out prompts (special tokens parsed);
+  - greedy continuations of the held-out prompts: how many leading tokens agree, prompt by prompt;
+  - held-out perplexity over the labelled tokens (assistant turns for SFT) in both runtimes.
+The reference side never reads the exported file: llama.cpp and transformers do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from taoke.derive.language import encode, read_examples
+from taoke.errors import DataError, ModelError
+from taoke.files import sha256_file, write_json_atomic, write_text_atomic
+from taoke.lm.data import IGNORE
+from taoke.lm.load import load_causal_lm
+from taoke.lm.merge import ParityError, parity_check, save_merged
+from taoke.models.parts import count_parameters
+from taoke.recipe import Recipe, load_recipe
+from taoke.run import Run
+from taoke.ship.gguf import check_config, write_gguf
+from taoke.ship.llamacpp import run_llamacpp
+from taoke.ship.ollama import modelfile
+
+console = Console(stderr=True)
+AGREE_TOKENS = 16          # F16/BF16/F32/Q8_0 must agree with taoke on this many leading greedy tokens ...
+AGREE_SHARE = 0.75         # ... on at least this share of the held-out prompts ("most prompts")
+# Largest accepted relative held-out perplexity gap, llama.cpp vs taoke, by quant type.
+PPL_TOLERANCE = {"F32": 0.005, "F16": 0.01, "BF16": 0.02, "Q8_0": 0.02, "Q5_1": 0.06, "Q5_0": 0.06,
+                 "Q4_1": 0.10, "Q4_0": 0.10}
+HF_DTYPES = {None: None, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass
+class HeldOut:
+    prompts: list[list[int]]        # chat-formatted held-out prompts (or document openings), as token ids
+    prompt_texts: list[str]
+    rows: list[dict]                # {"input_ids", "positions"}: score log p(ids[i+1] | ids[..i]) for i in positions
+    note: str
+
+
+def check_lm_run(parent: Run, fmt: str) -> None:
+    """GGUF needs a LLaMA-family model (read from the saved config, or the adapter's base)."""
+    if fmt != "gguf":
+        return
+    model_dir = parent.model_dir
+    if (model_dir / "config.json").is_file():
+        from transformers import AutoConfig
+        check_config(AutoConfig.from_pretrained(model_dir))
+
+
+def held_out(parent: Run, tok, max_prompts: int, max_positions: int, prompt_tokens: int = 32) -> HeldOut:
+    """The run's held-out examples, split again from its recipe; refuses when the data files changed."""
+    recipe: Recipe = load_recipe(parent.recipe_path)
+    for split, files in (parent.lineage.get("data", {}).get("files") or {}).items():
+        for f in files:
+            p = Path(f["path"])
+            if not p.is_file() or sha256_file(p) != f["sha256"]:
+                raise DataError(f"{p}: missing or changed since the run (sha256 recorded in {parent.path}/lineage.json);"
+                                " the held-out split cannot be rebuilt for the export check. Restore it, or export "
+                                "with --no-check.")
+    _, held, _ = read_examples(recipe)
+    if recipe.task == "sft":
+        convs = held[:max_prompts]
+        msgs = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
+    elif recipe.task == "dpo":
+        msgs = [p["prompt"] for p in held[:max_prompts]]
+    else:
+        msgs = []
+    if msgs:
+        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        texts = [str(doc)[:200] for doc in held[:max_prompts]]
+        prompts = [r["input_ids"][:prompt_tokens] for r in encode(recipe, tok, held[:max_prompts])]
+    encoded = encode(recipe, tok, held)
+    if recipe.task == "dpo":
+        encoded = [pair["chosen"] for pair in encoded]
+    rows, total = [], 0
+    for r in encoded:
+        positions = [i for i in range(len(r["labels"]) - 1) if r["labels"][i + 1] != IGNORE]
+        if not positions:
+            continue
+        rows.append({"input_ids": r["input_ids"], "positions": positions})
+        total += len(positions)
+        if total >= max_positions:
+            break
+    what = {"sft": "assistant tokens", "dpo": "chosen-answer tokens"}.get(recipe.task, "tokens")
+    return HeldOut(prompts, texts, rows, f"{len(rows)} of {len(encoded)} held-out examples, {total} {what} scored")
+
+
+@torch.no_grad()
+def reference_scores(model, held: HeldOut, n_new: int, eos_ids: set[int]) -> tuple[list[list[int]], list[float]]:
+    """taoke's own model (PyTorch, fp32): greedy tokens per prompt and log-probabilities at the scored positions."""
+    device = next(model.parameters()).device
+    greedy = []
+    for ids in held.prompts:
+        x = torch.tensor([ids], device=device)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n_new, do_sample=False,
+                             pad_token_id=next(iter(eos_ids), None))[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in eos_ids), len(out))
+        greedy.append(out[:cut])
+    return greedy, _logprobs(model, held.rows)
+
+
+@torch.no_grad()
+def _logprobs(model, rows: list[dict]) -> list[float]:
+    device = next(model.parameters()).device
+    out = []
+    for r in rows:
+        logits = model(input_ids=torch.tensor([r["input_ids"]], device=device)).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        pos = torch.tensor(r["positions"], device=device)
+        nxt = torch.tensor([r["input_ids"][i + 1] for i in r["positions"]], device=device)
+        out += logp[pos, nxt].tolist()
+    return out
+
+
+def perplexity(logprobs: list[float]) -> float:
+    return math.exp(-sum(logprobs) / max(len(logprobs), 1))
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """Leading tokens two greedy continuations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def compare_greedy(ref: list[list[int]], other: list[list[int]], need: int) -> dict:
+    per_prompt = []
+    for a, b in zip(ref, other):
+        k = agreement(a, b)
+        # identical continuations that end (at an end-of-turn token) before `need` tokens count as agreeing
+        per_prompt.append({"agree": k, "of": max(len(a), len(b)), "ok": k >= need or a == b})
+    ok = sum(p["ok"] for p in per_prompt)
+    return {"prompts": len(per_prompt), f"agree_first_{need}": ok, "share": ok / max(len(per_prompt), 1),
+            "mean_agreeing_tokens": sum(p["agree"] for p in per_prompt) / max(len(per_prompt), 1),
+            "per_prompt": per_prompt}
+
+
+def end_ids(model, tok) -> set[int]:
+    """Token ids that end a greedy continuation (the tokenizer's EOS and the generation config's)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    return {i for i in [tok.eos_token_id, *(ids if isinstance(ids, list) else [ids])] if i is not None}
+
+
+def check_gguf(gguf: Path, model, tok, held: HeldOut, quant: str, n_new: int = 32) -> dict:
+    """llama.cpp and transformers' GGUF reader against taoke's own model; ParityError past the tolerances."""
+    eos_ids = end_ids(model, tok)
+    console.print(f"export check: taoke's model on {held.note} and {len(held.prompts)} prompts")
+    ref_greedy, ref_lp = reference_scores(model, held, n_new, eos_ids)
+    console.print("export check: the same in llama.cpp (node-llama-cpp)")
+    ans = run_llamacpp(gguf, tokenize=held.prompt_texts if held.prompt_texts and tok.chat_template else [],
+                       greedy=[{"ids": ids, "n": n_new} for ids in held.prompts],
+                       nll=[{"ids": r["input_ids"], "positions": r["positions"]} for r in held.rows])
+    problems = []
+    tok_same = [a == b for a, b in zip(ans["tokenize"], held.prompts)]
+    if tok_same and not all(tok_same):
+        problems.append(f"llama.cpp tokenizes {tok_same.count(False)} of {len(tok_same)} held-out prompts "
+                        "differently from the run's tokenizer")
+    if (ans["metadata"].get("chat_template") or None) != (tok.chat_template or None):
+        problems.append("the GGUF's chat template differs from the run tokenizer's")
+    llama_lp = [x for row in ans["nll"] for x in row]
+    if any(x is None for x in llama_lp):
+        problems.append("llama.cpp gives probability 0 to a held-out token")
+        llama_lp = [x for x in llama_lp if x is not None]
+    ppl_ref, ppl_llama = perplexity(ref_lp), perplexity(llama_lp)
+    gap = abs(ppl_llama - ppl_ref) / ppl_ref
+    greedy = compare_greedy(ref_greedy, ans["greedy"], AGREE_TOKENS)
+    if gap > PPL_TOLERANCE[quant]:
+        problems.append(f"held-out perplexity {ppl_llama:.4f} in llama.cpp vs {ppl_ref:.4f} in taoke "
+                        f"({gap:.2%} apart; {quant} allows {PPL_TOLERANCE[quant]:.0%})")
+    strict = quant in ("F32", "F16", "BF16", "Q8_0")
+    if strict and greedy["share"] < AGREE_SHARE:
+        problems.append(f"greedy continuations agree on the first {AGREE_TOKENS} tokens for only "
+                        f"{greedy[f'agree_first_{AGREE_TOKENS}']} of {greedy['prompts']} prompts")
+    console.print("export check: transformers from_pretrained(gguf_file=...)")
+    hf = transformers_gguf_check(gguf, held, ref_lp)
+    if hf["perplexity_gap"] > PPL_TOLERANCE[quant]:
+        problems.append(f"transformers' GGUF reader gives held-out perplexity {hf['perplexity']:.4f} vs "
+                        f"{ppl_ref:.4f} in taoke")
+    report = {
+        "reference": "taoke's own model (PyTorch fp32, the run's weights) vs llama.cpp (node-llama-cpp) and "
+                     "transformers' GGUF reader, on the run's held-out examples",
+        "held_out": held.note,
+        "tokenization_identical": all(tok_same) if tok_same else None,
+        "perplexity": {"taoke": ppl_ref, "llama.cpp": ppl_llama, "relative_gap": gap,
+                       "tolerance": PPL_TOLERANCE[quant], "tokens": len(ref_lp)},
+        "greedy": {**greedy, "new_tokens": n_new, "required": f">= {AGREE_SHARE:.0%} of prompts agree on the first "
+                   f"{AGREE_TOKENS} tokens" if strict else "reported only (4/5-bit quantisation)"},
+        "transformers": hf,
+        "llama_cpp": {"versions": ans["versions"], "seconds": ans["seconds"],
+                      "generation_tokens_per_s": ans["generated_tokens"] / max(ans["seconds"]["greedy"], 1e-9),
+                      "tokenizer_pre": ans["metadata"].get("tokenizer_pre")},
+        "samples": [{"prompt": t[-160:], "taoke": tok.decode(a), "llama.cpp": tok.decode(b)}
+                    for t, a, b in list(zip(held.prompt_texts, ref_greedy, ans["greedy"]))[:3]],
+    }
+    if problems:
+        raise ParityError(f"{gguf.name}: the export does not behave like the run's model: " + "; ".join(problems))
+    return report
+
+
+@torch.no_grad()
+def transformers_gguf_check(gguf: Path, held: HeldOut, ref_lp: list[float], rows: int = 8) -> dict:
+    """Plain transformers loads the file (dequantising it) and scores the first held-out rows."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a file it cannot read
+        raise ModelError(f"{gguf}: transformers cannot load it ({e.__class__.__name__}: {str(e)[:200]})") from None
+    subset = held.rows[:rows]
+    lp = _logprobs(model, subset)
+    ref = ref_lp[:len(lp)]
+    ppl, ppl_ref = perplexity(lp), perplexity(ref)
+    return {"loaded": True, "layers": model.config.num_hidden_layers, "perplexity": ppl, "taoke_perplexity": ppl_ref,
+            "perplexity_gap": abs(ppl - ppl_ref) / ppl_ref, "tokens": len(lp)}
+
+
+def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, check: bool,
+                    max_prompts: int = 12, max_positions: int = 1024) -> dict:
+    """Write the export's model/ and check it; returns what lineage records (files, parity, tensor types)."""
+    model, tok = load_causal_lm(parent.model_dir, device="cpu")   # fp32, adapters merged in memory
+    model.eval()
+    lin = parent.lineage
+    name = lin.get("name") or parent.name
+    result: dict = {"parameters": count_parameters(model)[0]}
+    held = held_out(parent, tok, max_prompts, max_positions) if check and fmt == "gguf" else None
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "gguf":
+        fname = f"{name}-{quant}.gguf"
+        console.print(f"writing {fname} ({quant})")
+        result["tensor_types"] = write_gguf(model, tok, parent.model_dir, model_dir / fname, quant, name=name,
+                                            license=lin.get("license"), base=lin.get("root_base"))
+        write_text_atomic(model_dir / "Modelfile", modelfile(fname, tok, min(model.config.max_position_embeddings,
+                                                                             4096)))
+        write_json_atomic(model_dir / "taoke.json", {
+            "format": "taoke-task-model", "task": lin["task"], "arch": "gguf",
+            "export": {"runtime": "llama.cpp", "file": fname, "quant": quant}, "chat_template": bool(tok.chat_template)})
+        result["file"] = fname
+        if check:
+            result["parity"] = check_gguf(model_dir / fname, model, tok, held, quant)
+    else:  # hf: a plain transformers directory, adapters merged, optionally cast
+        save_merged(model, tok, model_dir, dtype=HF_DTYPES[quant])
+        write_json_atomic(model_dir / "taoke.json", {
+            "format": "taoke-task-model", "task": lin["task"], "arch": "hf-causal-lm", "adapter": None,
+            "export": {"runtime": "transformers", "dtype": quant or "F32"}, "chat_template": bool(tok.chat_template)})
+        if check:
+            msgs = _prompt_messages(parent, max_prompts=3)
+            result["parity"] = parity_check(model_dir, model, tok, msgs)
+            result["parity"]["reference"] = "the run's model in PyTorch vs a plain transformers reload of the export"
+    return result
+
+
+def _prompt_messages(parent: Run, max_prompts: int) -> list:
+    recipe = load_recipe(parent.recipe_path)
+    _, held, _ = read_examples(recipe)
+    if recipe.task == "sft":
+        return [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in held[:max_prompts]]
+    if recipe.task == "dpo":
+        return [p["prompt"] for p in held[:max_prompts]]
+    return ["What is a computer?", "Tell me a joke."][:max_prompts]
+

@@ -1,0 +1,119 @@
+"""Slow end-to-end exports of the built-in bases' runs: a MiniLM classifier to ONNX (fp32, int8) and an
+SFT'd SmolLM2 to GGUF checked in real llama.cpp, both verified as derived; an adapter-only run merged on the
+way out; pruned-and-healed models (MiniLM, SmolLM2) that are really smaller and load."""
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from conftest import read_json, run_cli
+
+pytestmark = pytest.mark.slow
+FAST = ["--quiet"]
+SFT = ["--set", "train.max_steps=4", "--set", "data.max_rows=80", "--set", "lm.gen_prompts=3",
+       "--set", "lm.max_new_tokens=8", *FAST]
+
+
+@pytest.fixture(scope="module")
+def topics(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    run_cli("derive", "recipes/text-topics.yaml", "--out", root / "topics", "--set", "data.max_rows=260",
+            "--set", "train.epochs=2", "--set", "train.early_stopping=null", *FAST)
+    return root
+
+
+def test_minilm_onnx_fp32_and_int8_are_verified_derived_and_listed(topics, taoke_main):
+    run = topics / "topics"
+    for quant in ([], ["--quant", "int8"]):
+        code, out, err = taoke_main("export", run, "--format", "onnx", *quant, "--json")
+        assert code == 0, err
+        p = json.loads(out)["export"]["parity"]
+        assert p["rows"] > 50 and (quant or (p["max_abs_logit_diff"] < 1e-4 and p["labels_identical"]))
+    for exp in ("topics-onnx", "topics-onnx-int8"):
+        code, out, _ = taoke_main("verify", run / "model", topics / exp, "--json")
+        res = json.loads(out)
+        assert res["verdict"] == "derived", (exp, res["verdict"], res["relation"])
+    inputs = ["can you write bubble sort?", "what is your favourite film", "who won the world cup"]
+    labels = lambda ref: [json.loads(x)["label"] for x in taoke_main("predict", ref, *inputs, "--json")[1].splitlines()]  # noqa: E731
+    assert labels(topics / "topics-onnx") == labels(run)
+    code, out, err = taoke_main("lineage", topics, "--json")
+    assert code == 0, err
+    edges = json.loads(out)["edges"]
+    assert any(e["child"] == "topics-onnx-int8" and e["parent"] == "topics" and e["status"] == "confirmed"
+               for e in edges), edges
+
+
+def test_pruned_minilm_is_smaller_reports_three_rows_and_exports(topics, tmp_path, taoke_main):
+    out = tmp_path / "pruned"
+    run_cli("derive", "recipes/text-topics.yaml", "--out", out, "--set", f"base={topics / 'topics'}",
+            "--set", "data.max_rows=260", "--set", "train.epochs=1", "--set", "train.early_stopping=null",
+            "--set", "edits=[{prune: {mlp: 0.3, heads: 0.25, by: activation}}]", *FAST)
+    comp = read_json(out / "lineage.json")["metrics"]["compression"]
+    names = list(comp)
+    assert len(names) == 3 and comp[names[1]]["params"] < comp[names[0]]["params"]
+    assert read_json(out / "model" / "config.json")["intermediate_size"] == 1536 - round(0.3 * 1536)
+    assert read_json(out / "model" / "taoke.json")["attention_heads"] == 9
+    assert "pruned, before healing" in (out / "report.md").read_text()
+    code, res, err = taoke_main("export", out, "--format", "onnx", "--json")
+    assert code == 0, err
+    assert json.loads(res)["export"]["parity"]["labels_identical"]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    run_cli("derive", "recipes/sft-lora.yaml", "--out", root / "sft", *SFT)
+    return root
+
+
+def test_sft_to_gguf_runs_in_llama_cpp_and_is_verified(sft, taoke_main):
+    code, out, err = taoke_main("export", sft / "sft", "--format", "gguf", "--quant", "Q8_0", "--json")
+    assert code == 0, err
+    lin = json.loads(out)
+    p = lin["export"]["parity"]
+    assert p["tokenization_identical"] and p["perplexity"]["relative_gap"] < 0.02
+    assert p["greedy"]["share"] >= 0.75 and p["transformers"]["loaded"]
+    exp = sft / "sft-gguf-q8_0"
+    assert (exp / "model" / "Modelfile").read_text().startswith("# Ollama")
+    assert ModelCard.load(exp / "model" / "README.md").data.base_model_relation == "quantized"
+    assert lin["relation"] == "quantized" and lin["parents"][0]["name"] == "sft-lora"
+    code, out, _ = taoke_main("verify", sft / "sft" / "model", exp, "--json")
+    assert json.loads(out)["verdict"] == "derived"
+    # Q4_0 of this 4-bit-rounded 135M base moved held-out perplexity ~28% here: past the 10% tolerance, the
+    # export is refused with the figures and nothing is left behind; a model that stays within it is accepted.
+    code, out, err = taoke_main("export", sft / "sft", "--format", "gguf", "--quant", "Q4_0", "--json")
+    if code == 0:
+        assert json.loads(out)["export"]["parity"]["perplexity"]["relative_gap"] < 0.10
+    else:
+        assert code == 2 and "Q4_0 allows 10%" in " ".join(err.split()), err
+        assert not (sft / "sft-gguf-q4_0").exists() and not list(sft.glob(".*partial*"))
+
+
+def test_adapter_only_run_is_merged_on_the_way_out(sft, taoke_main):
+    from transformers import AutoModelForCausalLM
+
+    run_cli("derive", "recipes/sft-lora.yaml", "--out", sft / "adapter", "--set", "adapt.merge=false", *SFT)
+    code, _, err = taoke_main("export", sft / "adapter", "--format", "gguf", "--quant", "F16")
+    assert code == 0, err
+    code, out, err = taoke_main("export", sft / "adapter", "--format", "hf", "--json")
+    assert code == 0, err
+    assert json.loads(out)["export"]["parity"]["max_logit_diff"] <= json.loads(out)["export"]["parity"]["tolerance"]
+    plain = AutoModelForCausalLM.from_pretrained(sft / "adapter-hf" / "model")
+    assert plain.config.num_hidden_layers == 30
+
+
+def test_pruned_smollm_loads_in_plain_transformers(sft, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    run_cli("derive", "recipes/sft-full.yaml", "--out", out, "--set", "edits=[{prune: {mlp: 0.25, heads: 0.34, "
+            "by: magnitude}}]", *SFT)
+    plain = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert plain.config.intermediate_size == 1152 and plain.config.num_key_value_heads == 2
+    assert plain.config.num_attention_heads == 6
+    with torch.no_grad():
+        assert torch.isfinite(plain(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    comp = read_json(out / "lineage.json")["metrics"]["compression"]
+    assert len(comp) == 3

@@ -1,0 +1,91 @@
+"""The GGUF writer against the real consumers: gguf-py's reader, transformers' GGUF loader and llama.cpp
+(node-llama-cpp). A tiny LLaMA with SmolLM2's tokenizer (plus added tokens) keeps it fast."""
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from taoke.errors import ModelError
+from taoke.ship.gguf import bpe_pre_name, permute_qk, write_gguf
+from taoke.ship.llamacpp import REPO_MODULES, run_llamacpp
+from taoke.formats.gguf_io import unpermute_qk
+from tests.lm_helpers import smollm_tokenizer, tiny_llama
+
+needs_llama = pytest.mark.skipif(not (REPO_MODULES / "node-llama-cpp" / "package.json").is_file(),
+                                 reason="node-llama-cpp not installed (make llama)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny LLaMA whose tokenizer gained two whole-word tokens (as expand_vocab adds them), saved as a run would."""
+    d = tmp_path_factory.mktemp("tiny")
+    tok = smollm_tokenizer()
+    tok.add_tokens(["你好", "taokeword"])
+    model = tiny_llama(vocab=len(tok) + 6)   # padded rows without a token, as resized embeddings often have
+    tok.save_pretrained(d)
+    return model, tok, d
+
+
+def test_qk_permutation_is_undone_by_the_reader():
+    w = torch.randn(4 * 16, 8)
+    assert torch.equal(torch.from_numpy(unpermute_qk(permute_qk(w, 4).numpy(), 4)), w)
+
+
+def test_pre_tokenizer_names():
+    assert bpe_pre_name({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    seq = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                 {"type": "ByteLevel", "use_regex": True}]}
+    assert bpe_pre_name({"model": {"type": "BPE"}, "pre_tokenizer": seq}) == "smollm"
+    with pytest.raises(ModelError, match="byte-level BPE"):
+        bpe_pre_name({"model": {"type": "Unigram"}})
+    with pytest.raises(ModelError, match="no known llama.cpp"):
+        bpe_pre_name({"model": {"type": "BPE"}, "pre_tokenizer": {"type": "Whitespace"}})
+
+
+@pytest.mark.slow  # transformers rebuilds the 49k-token tokenizer from the file: ~25 s
+def test_f32_file_reads_back_in_transformers_with_the_same_logits(tiny, tmp_path):
+    model, tok, d = tiny
+    path = tmp_path / "m.gguf"
+    counts = write_gguf(model, tok, d, path, "F32", name="tiny")
+    assert counts == {"F32": sum(1 for _ in model.state_dict()) - 1}   # tied head not written
+    r = gguf.GGUFReader(str(path))
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    tokens = r.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[tok.convert_tokens_to_ids("你好")] == "你好" and types[tok.convert_tokens_to_ids("你好")] == 4
+    assert types[tok.convert_tokens_to_ids("<|im_end|>")] == 3 and tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    assert r.fields["tokenizer.chat_template"].contents() == tok.chat_template
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tok("Hello there, 你好 taokeword 2024")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_low_bit_files_keep_norms_f32_and_the_embedding_q8(tiny, tmp_path):
+    model, tok, d = tiny
+    counts = write_gguf(model, tok, d, tmp_path / "q.gguf", "Q4_0", name="tiny")
+    r = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    kinds = {t.name: t.tensor_type.name for t in r.tensors}
+    assert kinds["token_embd.weight"] == "Q8_0" and kinds["blk.0.attn_norm.weight"] == "F32"
+    assert kinds["blk.0.ffn_up.weight"] == "Q4_0" and counts["Q4_0"] > 0
+
+
+@needs_llama
+def test_llama_cpp_tokenizes_and_continues_like_the_model(tiny, tmp_path):
+    model, tok, d = tiny
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tok, d, path, "F32", name="tiny")
+    texts = ["Hello there, 你好 taokeword 2024!",
+             tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ans = run_llamacpp(path, tokenize=texts, greedy=[{"ids": ids[0], "n": 8}],
+                       nll=[{"ids": ids[0], "positions": list(range(len(ids[0]) - 1))}])
+    assert ans["tokenize"] == ids
+    x = torch.tensor([ids[0]])
+    with torch.no_grad():
+        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                             pad_token_id=2)[0, len(ids[0]):].tolist()
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+    assert ans["greedy"][0] == ref[:len(ans["greedy"][0])] and len(ans["greedy"][0]) >= 1
+    want = logp[torch.arange(len(ids[0]) - 1), x[0, 1:]]
+    assert torch.allclose(torch.tensor(ans["nll"][0], dtype=torch.float32), want, atol=1e-2)  # llama.cpp keeps an f16 KV cache

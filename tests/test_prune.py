@@ -1,0 +1,88 @@
+"""Structured width pruning: the saved model is really smaller, loads, and pruning units/heads that contribute
+nothing leaves the outputs unchanged (the unpruned model is the reference)."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig
+
+from taoke.edit.prune import kept_counts, prune
+from taoke.errors import RecipeError
+from taoke.models.task_model import HFClassifier
+from taoke.models.widths import resize_bert_attention
+from tests.lm_helpers import tiny_llama
+
+
+def tiny_bert():
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     num_labels=3)
+    torch.manual_seed(0)
+    return HFClassifier(AutoModelForSequenceClassification.from_config(cfg)).eval()
+
+
+def _silence_llama(model, units, group):
+    """Zero the output side of some MLP units and of one KV group in every block: they contribute nothing."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, units] = 0
+            r, d = 2, 16   # tiny_llama: 4 heads, 2 KV groups, head_dim 16
+            layer.self_attn.o_proj.weight[:, group * r * d:(group + 1) * r * d] = 0
+
+
+def test_llama_pruning_of_silent_units_keeps_logits_and_loads_in_plain_transformers(tmp_path):
+    model = tiny_llama(vocab=300)
+    _silence_llama(model, list(range(0, 128, 2)), group=1)
+    ids = torch.randint(0, 300, (2, 12))
+    before = model(input_ids=ids).logits
+    rec = prune(model, mlp=0.5, heads=0.5, by="magnitude")
+    assert rec["mlp_units"] == [128, 64] and rec["kv_groups"] == [2, 1] and rec["heads"] == [4, 2]
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert plain.config.intermediate_size == 64 and plain.config.num_key_value_heads == 1
+    assert torch.allclose(plain(input_ids=ids).logits, before, atol=1e-5)
+
+
+def test_bert_pruning_by_activation_keeps_silent_heads_out_and_taoke_reloads_it(tmp_path):
+    model = tiny_bert()
+    with torch.no_grad():
+        for layer in model.hf.bert.encoder.layer:
+            layer.output.dense.weight[:, :16] = 0                      # 16 silent MLP units
+            layer.attention.output.dense.weight[:, 8:16] = 0           # head 1 silent
+    batch = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    before = model(**batch)
+    rec = prune(model, mlp=0.25, heads=0.25, by="activation", batches=lambda: iter([batch]))
+    assert rec["mlp_units"] == [64, 48] and rec["heads"] == [4, 3] and not rec["plain_transformers"]
+    assert torch.allclose(model(**batch), before, atol=1e-5)
+    # what taoke's loader does with taoke.json's attention_heads: build from the config, resize, load strictly
+    model.hf.save_pretrained(tmp_path)
+    fresh = HFClassifier(AutoModelForSequenceClassification.from_config(model.hf.config))
+    resize_bert_attention(fresh, 3)
+    fresh.hf.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert torch.allclose(fresh.eval()(**batch), before, atol=1e-5)
+
+
+def test_bert_mlp_only_pruning_loads_in_plain_transformers(tmp_path):
+    model = tiny_bert()
+    prune(model, mlp=0.5, heads=0.0, by="magnitude")
+    model.hf.save_pretrained(tmp_path)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert plain.config.intermediate_size == 32
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in tiny_bert().parameters())
+
+
+def test_ratios_that_leave_nothing_are_refused():
+    with pytest.raises(RecipeError, match="no MLP units"):
+        kept_counts(4, 4, 0.9, 0.0)
+    with pytest.raises(RecipeError, match="no attention heads"):
+        kept_counts(64, 3, 0.1, 0.9)
+
+
+def test_recipe_refuses_prune_with_an_adapter_saved_alone():
+    from taoke.recipe import recipe_from_dict
+    raw = {"name": "p", "base": "smollm2-135m", "task": "sft", "data": {"train": "x.jsonl"},
+           "edits": [{"prune": {"mlp": 0.3}}], "adapt": {"method": "lora", "merge": False}}
+    with pytest.raises(RecipeError, match="prune changes the architecture"):
+        recipe_from_dict(raw)
+    with pytest.raises(RecipeError, match="mlp"):
+        recipe_from_dict({**raw, "edits": [{"prune": {}}], "adapt": {"method": "full"}})
