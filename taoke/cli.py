@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers.utils import logging as hf_logging
 
-from taoke import cli_export, cli_provenance
+from taoke import cli_export, cli_provenance, cli_serve
 from taoke.derive import derive as derive_run
 from taoke.errors import DataError, TaokeError
 from taoke.evaluate.compare import compare_runs
@@ -26,6 +26,7 @@ from taoke.inference.language import load_chat_model
 from taoke.library import add_model, list_models, registry_path, resolve, weight_files
 from taoke.lm.chat import chat_loop
 from taoke.run import Run, check_output, list_runs
+from taoke.ship.seal import resolve_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="taoke (套壳): build task models on open base models, and prove what a model is built on.")
@@ -34,6 +35,7 @@ runs_app = typer.Typer(no_args_is_help=True, help="Runs made by `taoke derive`."
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
 out = Console()
+KEY_HELP = "key of a sealed run (or the TAOKE_SEAL_KEY environment variable)"
 
 
 def print_json(obj) -> None:
@@ -56,9 +58,10 @@ def derive(recipe: Optional[Path] = typer.Argument(None, help="recipe YAML file"
 def eval_(model: str = typer.Argument(..., help="run directory or model/ folder"),
           data: Optional[Path] = typer.Option(None, "--data", help="csv/jsonl/parquet file or image folder"),
           split: Optional[str] = typer.Option(None, "--split", help="re-score a split of the run: train|validation|test"),
-          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+          key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_HELP)):
     """Score a derived model on new data, or on one of its run's splits."""
-    result = load(model).evaluate(data, split)
+    result = load(model, key=resolve_key(key_file)).evaluate(data, split)
     if as_json:
         print_json(result)
         return
@@ -77,11 +80,12 @@ def predict(model: str = typer.Argument(..., help="run directory or model/ folde
             file: Optional[Path] = typer.Option(None, "--file", help="inputs.txt (one per line), csv/jsonl, or prompts"),
             output: Optional[Path] = typer.Option(None, "--out", help="write predictions/completions as JSONL"),
             force: bool = typer.Option(False, "--force", help="overwrite the --out file if it exists"),
-            as_json: bool = typer.Option(False, "--json")):
+            as_json: bool = typer.Option(False, "--json"),
+            key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_HELP)):
     """Predict with a derived model: labels with probabilities (or completions for language models)."""
     if output is not None:
         check_output(output, force)
-    predictor = load(model)
+    predictor = load(model, key=resolve_key(key_file))
     if file is None and not inputs:
         raise DataError("give inputs to predict, or --file FILE")
     rows = predictor.predict(predictor.read_inputs(file) if file else list(inputs))
@@ -106,9 +110,10 @@ def chat(model: str = typer.Argument(..., help="model reference: library name, H
          system: str = typer.Option(None, "--system", help="system prompt"),
          max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
          temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
-         device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)")):
+         device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
+         key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_HELP)):
     """Chat with a causal language model in the terminal (streams tokens; /reset, /exit)."""
-    m, tok = load_chat_model(model, device)
+    m, tok = load_chat_model(model, device, key=resolve_key(key_file))
     chat_loop(m, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
 
@@ -210,6 +215,7 @@ def runs_show(run: Path, as_json: bool = typer.Option(False, "--json", help="pri
 
 cli_provenance.register(app)
 cli_export.register(app)
+cli_serve.register(app)
 
 
 def main() -> None:

@@ -316,25 +316,51 @@ class Run:
                 for rel in self._model_files()}
 
     def check_model_files(self) -> None:
-        """Refuse a run whose model files differ from what lineage.json recorded (changed, missing or added)."""
-        recorded = self.lineage.get("model_files")
+        """Refuse a run whose model files differ from what lineage.json recorded (changed, missing or added).
+
+        A sealed weight file (see `sealed`) is checked as its sealed form; its plaintext hash stays recorded and
+        is checked when it is decrypted, and again once the run is unsealed."""
+        lineage = self.lineage
+        recorded = lineage.get("model_files")
         if recorded is None:
             return  # runs written before taoke recorded model hashes
         where = self.path / LINEAGE
         if not isinstance(recorded, dict) or not all(isinstance(v, dict) for v in recorded.values()):
             raise FormatError(f"{where}: 'model_files' must map file names to {{bytes, sha256}}")
+        sealed = lineage.get("sealed")
+        sealed = sealed.get("files") if isinstance(sealed, dict) else None
+        if not isinstance(sealed, dict) or not all(isinstance(v, dict) for v in sealed.values()):
+            sealed = {}
         for rel, want in recorded.items():
             f = contained_path(self.model_dir, rel, where, "model_files entry")
+            if rel in sealed and not f.exists():
+                f = contained_path(self.model_dir, sealed[rel].get("file"), where, "sealed file entry")
+                want = sealed[rel]
             if not f.is_file():
                 raise ModelError(f"{f}: recorded in {where} but missing; the run was changed after it "
                                  "completed. Derive it again or restore the file.")
             if f.stat().st_size != want.get("bytes") or cached_sha256(f) != want.get("sha256"):
                 raise ModelError(f"{f}: sha256 differs from the one {where} recorded; the file was "
                                  "changed after the run completed. Derive it again or restore the file.")
-        added = [rel for rel in self._model_files() if rel not in recorded]
+        sealed_names = {entry.get("file") for entry in sealed.values()}
+        added = [rel for rel in self._model_files() if rel not in recorded and rel not in sealed_names]
         if added:
             raise ModelError(f"{self.model_dir / added[0]}: not written by the run ({where} does not record it), and "
                              "loaders read every weight file in model/. Remove it, or derive the run again.")
+
+    @property
+    def sealed(self) -> dict | None:
+        """lineage.json's record of sealed weight files ({"cipher", "files": {name: {file, bytes, sha256}}}), or
+        None when the weights are plain."""
+        return self.lineage.get("sealed") if self.complete else None
+
+    def record_sealed(self, record: dict | None) -> None:
+        """Record (or, with None, remove) the sealed state in lineage.json. The key goes last and nothing else
+        changes, so removing it restores the record byte for byte (children pin its sha256)."""
+        lineage = {k: v for k, v in self.lineage.items() if k != "sealed"}
+        if record is not None:
+            lineage["sealed"] = record
+        write_json_atomic(self.path / LINEAGE, lineage)
 
     # ------------------------------------------------------------------------------------------ reading
 

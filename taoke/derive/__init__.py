@@ -48,7 +48,10 @@ def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str
         parsed = load_recipe(recipe, overrides)
     base = resolve(parsed.base)
     if base.is_run:
-        Run(base.run_dir).check_model_files()  # derive from the parent as it was recorded, or not at all
+        parent = Run(base.run_dir)
+        parent.check_model_files()  # derive from the parent as it was recorded, or not at all
+        if parent.sealed:
+            raise RecipeError(f"{base.run_dir}: the parent run is sealed; unseal it first (taoke unseal)")
     if parsed.is_lm:
         if run is not None:
             raise RecipeError(f"{run.path}: language-model runs cannot be resumed yet; start the run again.")

@@ -13,6 +13,8 @@ from taoke.inference.task import TaskPredictor
 from taoke.models.task_model import read_meta
 from taoke.recipe import LM_TASKS
 from taoke.run import Run
+from taoke.ship.seal import SUFFIX as SEALED_SUFFIX
+from taoke.ship.seal import sealed_state
 
 Predictor = TaskPredictor | OnnxPredictor | LanguagePredictor
 
@@ -30,14 +32,21 @@ def locate(ref: str | Path) -> tuple[Path, Run | None]:
                      "For a base model, derive a task model first.")
 
 
-def load(ref: str | Path, device: str | None = None) -> Predictor:
-    """The model of a run (or its model/ folder), ready to predict and evaluate."""
+def load(ref: str | Path, device: str | None = None, key: bytes | None = None) -> Predictor:
+    """The model of a run (or its model/ folder), ready to predict and evaluate. A sealed run needs its `key`
+    (or $TAOKE_SEAL_KEY): its weights are decrypted in memory only."""
     model_dir, run = locate(ref)
+    state = None
     if run is not None:
         run.check_model_files()
+        state = sealed_state(run, key)
+    elif any(model_dir.rglob("*" + SEALED_SUFFIX)):
+        raise ModelError(f"{ref}: sealed weights outside their run directory; give the run directory, whose "
+                         "lineage.json records them")
     meta = read_meta(model_dir)
     if is_onnx_model(meta):
-        predictor = OnnxPredictor
-    else:
-        predictor = LanguagePredictor if meta.get("task") in LM_TASKS else TaskPredictor
-    return predictor.load(model_dir, run, device)
+        if state is not None:
+            raise ModelError(f"{ref}: a sealed ONNX export cannot be opened yet; unseal it first (taoke unseal)")
+        return OnnxPredictor.load(model_dir, run, device)
+    predictor = LanguagePredictor if meta.get("task") in LM_TASKS else TaskPredictor
+    return predictor.load(model_dir, run, device, state=state)

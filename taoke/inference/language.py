@@ -16,6 +16,7 @@ from taoke.lm.generate import generate
 from taoke.lm.load import load_causal_lm
 from taoke.lm.train import evaluate_lm
 from taoke.run import Run
+from taoke.ship.seal import sealed_state
 
 
 @dataclass
@@ -27,9 +28,10 @@ class LanguagePredictor:
     run: Run | None = None
 
     @classmethod
-    def load(cls, model_dir: Path, run: Run | None = None, device: str | None = None) -> "LanguagePredictor":
+    def load(cls, model_dir: Path, run: Run | None = None, device: str | None = None,
+             state: dict | None = None) -> "LanguagePredictor":
         meta = json.loads((model_dir / "taoke.json").read_text(encoding="utf-8"))
-        model, tok = load_causal_lm(model_dir, device=device)
+        model, tok = load_causal_lm(model_dir, device=device, state=state)
         return cls(model, tok, meta, model_dir, run)
 
     def predict(self, prompts: list, max_new_tokens: int = 128) -> list[dict]:
@@ -66,14 +68,18 @@ class LanguagePredictor:
                          temperature=temperature)
 
 
-def load_chat_model(ref: str, device: str | None = None):
-    """(model, tokenizer) of any causal-LM reference: library name, HF directory, GGUF file or run."""
+def load_chat_model(ref: str, device: str | None = None, key: bytes | None = None):
+    """(model, tokenizer) of any causal-LM reference: library name, HF directory, GGUF file or run (a sealed
+    run with its key, or $TAOKE_SEAL_KEY)."""
     base = resolve(ref)
+    state = None
     if base.is_run:
-        Run(base.run_dir).check_model_files()
+        run = Run(base.run_dir)
+        run.check_model_files()
+        state = sealed_state(run, key)
     if base.kind not in ("causal-lm", "task-model", "unknown"):
         raise ModelError(f"{ref}: a {base.kind} model cannot chat; give a causal language model")
-    model, tok = load_causal_lm(base, device=device)
+    model, tok = load_causal_lm(base, device=device, state=state)
     if not tok.chat_template:
         raise ModelError(f"{ref}: the tokenizer has no chat template, so it cannot chat")
     return model, tok

@@ -15,7 +15,7 @@ from taoke.evaluate.metrics import metrics_from_outputs
 from taoke.hardware import pick_device
 from taoke.models.task_model import load_task_model, read_meta
 from taoke.run import Run
-from taoke.train.batches import Encoded
+from taoke.train.batches import Encoded, to_device
 from taoke.train.classifier import predict
 
 
@@ -32,8 +32,9 @@ class TaskPredictor:
         return read_meta(model_dir).get("task")
 
     @classmethod
-    def load(cls, model_dir: Path, run: Run | None = None, device: str | None = None) -> "TaskPredictor":
-        model, meta, tokenizer = load_task_model(model_dir, pick_device(device))
+    def load(cls, model_dir: Path, run: Run | None = None, device: str | None = None,
+             state: dict | None = None) -> "TaskPredictor":
+        model, meta, tokenizer = load_task_model(model_dir, pick_device(device), state=state)
         return cls(model, tokenizer, meta, model_dir, run)
 
     @property
@@ -79,6 +80,21 @@ class TaskPredictor:
         top = probs.argmax(-1)
         return [{"input": s, "label": self.labels[int(t)], "probability": float(probs[i, t])}
                 for i, (s, t) in enumerate(zip(shown, top))]
+
+    @torch.no_grad()
+    def embed(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Mean-pooled features of texts (the vector the head reads), for text models built on an encoder."""
+        if self.meta["inputs"]["kind"] != "text" or not hasattr(self.model, "features"):
+            raise DataError(f"{self.model_dir}: this model does not provide text embeddings")
+        encoded = encode_frame(pd.DataFrame({self.meta["inputs"]["column"]: texts}), self.meta, self.tokenizer)
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = to_device(encoded.batch(list(range(start, min(start + batch_size, len(texts))))), device)
+            batch.pop("labels")
+            out.append(self.model.features(**batch).float().cpu())
+        return torch.cat(out)
 
     def read_inputs(self, file: str | Path) -> pd.DataFrame:
         """Inputs from a file: one text or image path per line (.txt), or a csv/jsonl/parquet table."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from taoke.errors import ModelError
 from taoke.files import cache_root
@@ -116,11 +116,28 @@ def load_adapter_run(model_dir: Path, device=None, dtype=None):
     return model.to(pick_device(device)), tok
 
 
+def model_from_state(model_dir: Path, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
+    """A causal LM built from its config and given its weights from memory (a sealed run's, decrypted)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ModelError(f"{model_dir}: weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model
+
+
 def load_causal_lm(ref: str | os.PathLike | BaseRef, device: str | torch.device | None = None,
-                   dtype: torch.dtype | None = None):
+                   dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None):
     """(model, tokenizer) for a library name, HF dir, run dir or GGUF file; the model is plain and trainable.
 
-    A run saved as an adapter only is loaded as its base with the adapter merged in. dtype None means fp32:
+    A run saved as an adapter only is loaded as its base with the adapter merged in. `state` gives the weights
+    from memory instead of the directory's files (a sealed run, decrypted). dtype None means fp32:
     trainable master weights on every device; training autocasts to bf16 where the hardware runs it
     natively. Pass torch.bfloat16 for inference-only use on a GPU.
     """
@@ -133,7 +150,8 @@ def load_causal_lm(ref: str | os.PathLike | BaseRef, device: str | torch.device 
     if "CausalLM" not in archs and "LMHead" not in archs:
         raise ModelError(f"{base.name}: '{archs or config.model_type}' is not a causal language model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
+        model = model_from_state(model_dir, state, dtype) if state is not None else \
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32)
     except (OSError, RuntimeError, ValueError) as e:  # weights that do not fit the config, unreadable files
         raise ModelError(f"{model_dir}: the weights cannot be loaded ({e.__class__.__name__}: "
                          f"{(str(e).splitlines() or [''])[0][:200]})") from None

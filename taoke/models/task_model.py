@@ -35,6 +35,7 @@ from taoke.models.widths import resize_bert_attention
 
 HEAD_ATTRS = ("classifier", "score", "head")
 SCRATCH_ARCHS = ("cnn", "mlp", "lstm", "gru", "transformer")
+LM_ARCHS = ("hf-causal-lm", "gguf")   # language-model runs and their GGUF exports (derive/language.py, ship/)
 META_FILE = "taoke.json"
 
 
@@ -185,10 +186,12 @@ def read_meta(model_dir: Path) -> dict:
                          "Give a run directory (runs/<name>-<time>) or its model/ folder.")
     meta = read_json_object(meta_path, META_FILE)
     arch = meta.get("arch")
-    if not isinstance(meta.get("task"), str) or not (arch == "hf" or isinstance(arch, str) and
-                                                     arch.split(":", 1)[-1] in SCRATCH_ARCHS and ":" in arch):
-        raise FormatError(f"{meta_path}: 'task' and 'arch' (hf or scratch:<{'|'.join(SCRATCH_ARCHS)}>) are "
-                          f"required; got task {str(meta.get('task'))[:40]!r}, arch {str(arch)[:40]!r}")
+    known = arch in ("hf", *LM_ARCHS) or (isinstance(arch, str) and arch.startswith("scratch:")
+                                          and arch.split(":", 1)[1] in SCRATCH_ARCHS)
+    if not isinstance(meta.get("task"), str) or not known:
+        raise FormatError(f"{meta_path}: 'task' and 'arch' (hf, {', '.join(LM_ARCHS)} or "
+                          f"scratch:<{'|'.join(SCRATCH_ARCHS)}>) are required; got task "
+                          f"{str(meta.get('task'))[:40]!r}, arch {str(arch)[:40]!r}")
     return meta
 
 
@@ -224,8 +227,9 @@ def _load_state(model: nn.Module, state: dict, model_dir: Path, strict: bool) ->
                           f"({str(e).splitlines()[0][:200]})") from None
 
 
-def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
-    """Load model/ back: returns (model, meta, tokenizer or None)."""
+def load_task_model(model_dir: Path, device: torch.device | str = "cpu", state: dict[str, torch.Tensor] | None = None):
+    """Load model/ back: returns (model, meta, tokenizer or None). `state` gives the weights from memory instead
+    of the folder's weight files (a sealed run, decrypted)."""
     model_dir = Path(model_dir)
     meta = read_meta(model_dir)
     check_model_dir(model_dir)   # config sizes and safetensors headers, before anything is allocated
@@ -237,9 +241,10 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
         apply_head_spec(model, meta.get("head"))
         if meta.get("attention_heads"):   # heads pruned: a BERT config cannot state it (edit/prune.py)
             resize_bert_attention(model, meta["attention_heads"])
-        state = {}
-        for f in sorted(model_dir.glob("*.safetensors")):
-            state.update(load_file(str(f)))
+        if state is None:
+            state = {}
+            for f in sorted(model_dir.glob("*.safetensors")):
+                state.update(load_file(str(f)))
         missing, unexpected = _load_state(model.hf, state, model_dir, strict=False)
         # Tied/buffer entries (e.g. position_ids) may be absent from a checkpoint; real weights may not.
         real_missing = [k for k in missing if not k.endswith("position_ids")]
@@ -248,7 +253,8 @@ def load_task_model(model_dir: Path, device: torch.device | str = "cpu"):
                              f"(missing {real_missing[:3]}, unexpected {unexpected[:3]}).")
     else:
         model = _build_scratch_checked(model_dir, meta)
-        _load_state(model, load_file(str(model_dir / "model.safetensors")), model_dir, strict=True)
+        _load_state(model, state if state is not None else load_file(str(model_dir / "model.safetensors")),
+                    model_dir, strict=True)
     model.to(device).eval()
     return model, meta, saved_tokenizer(model_dir, meta)
 

@@ -1,0 +1,349 @@
+"""taoke's serving engine for causal LMs: continuous (iteration-level) batching over a KV cache.
+
+One thread owns the model. Each iteration it drops requests that were cancelled (client gone) or ran past
+their deadline, admits waiting requests into free cache rows (their prompts packed into one forward pass
+of at most `prefill_budget` tokens, each prompt attending only to itself, so running requests keep
+decoding between chunks), then runs one decoding step for every running request in a single forward pass. A request leaves as soon as it ends, and its row is free for the next one: requests
+join and leave between steps, never waiting for a whole batch to finish (Orca's iteration-level
+scheduling). Each request's tokens depend only on its own prompt and parameters: rows are masked from
+each other, positions are per row, and sampling draws from a per-request generator.
+
+Requests are handed in from the asyncio server with `submit`; tokens come back as events on the
+request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from taoke.errors import ModelError
+from taoke.ship.serve.kv import SlotCache
+from taoke.ship.serve.text import TextStream
+
+
+SHUT_DOWN = "the server shut down before the request finished"
+
+
+class QueueFull(Exception):
+    """The waiting queue is full; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"server busy; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Generation:
+    """One request inside the engine. Events on `events`: ("text", str), ("done", reason), ("error", message)."""
+
+    def __init__(self, prompt_ids: list[int], sampling: Sampling, stream: TextStream, deadline: float,
+                 loop: asyncio.AbstractEventLoop):
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.stream = stream
+        self.deadline = deadline
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[int] = []
+        self.length = 0                 # positions in the KV cache
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.submitted = time.monotonic()
+        self.generator = None
+        if not sampling.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(sampling.seed if sampling.seed is not None else secrets.randbits(63))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _send(self, kind: str, value) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:   # the server's event loop is closed: nobody is listening any more
+            pass
+
+
+def supports_slot_cache(config) -> str | None:
+    """None if the engine can batch this architecture, else why not (sliding windows, hybrid/linear layers)."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        return f"layer types {sorted(kinds)}"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder"
+    return None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 64, max_model_len: int = 4096,
+                 prefill_budget: int = 512, metrics=None):
+        why = supports_slot_cache(model.config)
+        if why:
+            raise ModelError(f"taoke's engine batches full-attention decoders; this model has {why}. "
+                             "Serve it with --engine vllm.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_model_len = max_model_len
+        self.prefill_budget = prefill_budget
+        self.metrics = metrics
+        self.eos = self._eos_ids(model, tokenizer)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        self.kv = SlotCache(cfg.num_hidden_layers, max_batch, kv_heads, head_dim, dtype, self.device)
+        # transformers 5 renamed the forward argument past_key_values -> cache; take whichever this model has
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.waiting: deque[Generation] = deque()
+        self.running: list[Generation] = []
+        self.cond = threading.Condition()
+        self.accepting = True
+        self.stopped = False
+        self.mean_seconds = 2.0          # moving average of request time, for Retry-After
+        self.thread = threading.Thread(target=self._loop, name="taoke-engine", daemon=True)
+
+    @staticmethod
+    def _eos_ids(model, tokenizer) -> set[int]:
+        ids = set()
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (eos, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        return ids
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def submit(self, prompt_ids: list[int], sampling: Sampling, timeout: float,
+               loop: asyncio.AbstractEventLoop) -> Generation:
+        """Queue a request; raises QueueFull when the waiting queue is full, ShuttingDown after stop()."""
+        gen = Generation(prompt_ids, sampling, TextStream(self.tokenizer, sampling.stop), time.monotonic() + timeout,
+                         loop)
+        with self.cond:
+            if not self.accepting:
+                raise ShuttingDown("server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                waves = math.ceil((len(self.waiting) + 1) / self.max_batch)
+                raise QueueFull(max(1, math.ceil(waves * self.mean_seconds)))
+            self.waiting.append(gen)
+            self._report_queue()
+            self.cond.notify()
+        return gen
+
+    def stop(self, timeout: float = 0.0) -> None:
+        """Stop taking requests; let running ones finish for up to `timeout` s, then end the rest."""
+        with self.cond:
+            self.accepting = False
+            self.cond.notify()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and (self.running or self.waiting):
+            time.sleep(0.05)
+        with self.cond:
+            self.stopped = True
+            self.cond.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self.stopped and not self.waiting and not self.running:
+                        self.cond.wait()
+                    if self.stopped:
+                        break
+                try:
+                    self._retire_dead()
+                    self._admit()
+                    if self.running:
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                    for gen in self.running:
+                        self._end(gen, error=f"generation failed: {e.__class__.__name__}: {e}")
+                    self.running.clear()
+        for gen in list(self.running) + list(self.waiting):
+            gen._send("error", SHUT_DOWN)
+        self.running.clear()
+        self.waiting.clear()
+
+    def _retire_dead(self) -> None:
+        now = time.monotonic()
+        with self.cond:
+            for gen in list(self.waiting):
+                if gen.cancelled or now > gen.deadline:
+                    self.waiting.remove(gen)
+                    self._end(gen, error=None if gen.cancelled else "timeout")
+        for gen in list(self.running):
+            if gen.cancelled or now > gen.deadline:
+                self._leave(gen, error=None if gen.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows: one packed forward pass of up to `prefill_budget` prompt
+        tokens per iteration (at least one prompt), so running requests keep decoding in between."""
+        batch, tokens = [], 0
+        with self.cond:
+            while self.waiting and len(self.running) + len(batch) < self.max_batch:
+                n = self.waiting[0].prompt_tokens
+                if batch and tokens + n > self.prefill_budget:
+                    break
+                batch.append(self.waiting.popleft())
+                tokens += n
+            self._report_queue()
+        if batch:
+            self._prefill(batch)
+
+    def _prefill(self, batch: list[Generation]) -> None:
+        """Run the prompts as one packed row (each attends only to itself, positions restart per prompt; a lone
+        prompt runs exactly as model.generate runs it), copy each prompt's cache into a free row, and take
+        each request's first token."""
+        ids = torch.tensor([[t for g in batch for t in g.prompt_ids]], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        args = dict(input_ids=ids, use_cache=True, **{self.cache_arg: cache})
+        if len(batch) == 1:
+            args.update(attention_mask=torch.ones_like(ids), logits_to_keep=1)
+        else:
+            lengths = torch.tensor([g.prompt_tokens for g in batch], device=self.device)
+            starts = lengths.cumsum(0) - lengths
+            which = torch.repeat_interleave(torch.arange(len(batch), device=self.device), lengths)
+            at = torch.arange(ids.shape[1], device=self.device)
+            same_prompt_causal = (which[:, None] == which[None, :]) & (at[:, None] >= at[None, :])
+            args.update(attention_mask=same_prompt_causal[None, None], position_ids=(at - starts[which])[None],
+                        logits_to_keep=starts + lengths - 1)
+        try:
+            logits = self.model(**args).logits[0]
+        except Exception as e:  # noqa: BLE001 - these requests fail; the running ones go on
+            for gen in batch:
+                self._end(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
+            return
+        start = 0
+        for gen in batch:
+            row = len(self.running)
+            self.kv.load_row(row, cache, gen.prompt_tokens, offset=start)
+            start += gen.prompt_tokens
+            gen.length = gen.prompt_tokens
+            self.running.append(gen)
+        for i, gen in enumerate(list(batch)):    # after every row is placed: a request that ends at once moves others
+            self._accept(gen, self._choose(gen, logits[i]))
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        rows = list(self.running)
+        positions = torch.tensor([g.length for g in rows], device=self.device)
+        last = torch.tensor([[g.tokens[-1]] for g in rows], device=self.device)
+        mask = self.kv.begin_step(positions)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=positions[:, None], use_cache=True,
+                         logits_to_keep=1, **{self.cache_arg: self.kv})
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()
+        for gen in rows:          # every row's new position is cached before any row leaves (and moves another)
+            gen.length += 1
+        for i, gen in enumerate(rows):
+            token = greedy[i] if gen.sampling.greedy else self._choose(gen, logits[i])
+            self._accept(gen, token)
+        if self.metrics is not None:
+            self.metrics.step(len(rows), time.perf_counter() - started)
+
+    def _choose(self, gen: Generation, logits: torch.Tensor) -> int:
+        if gen.sampling.greedy:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / gen.sampling.temperature, -1)
+        if gen.sampling.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < gen.sampling.top_p   # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=gen.generator))
+
+    def _accept(self, gen: Generation, token: int) -> None:
+        """Record a generated token, stream its text, and end the request if it is done."""
+        if self.metrics is not None and not gen.tokens:
+            self.metrics.ttft.observe(time.monotonic() - gen.submitted)
+        if token in self.eos:
+            self._leave(gen, reason="stop")
+            return
+        gen.tokens.append(token)
+        if self.metrics is not None:
+            self.metrics.tokens(1)
+        piece = gen.stream.add(token)
+        if piece:
+            gen._send("text", piece)
+        if gen.stream.stopped:
+            self._leave(gen, reason="stop")
+        elif len(gen.tokens) >= gen.sampling.max_tokens or gen.length + 1 >= self.max_model_len:
+            self._leave(gen, reason="length")
+
+    def _leave(self, gen: Generation, reason: str | None = None, error: str | None = None) -> None:
+        """Free the request's row: the last running request moves into it."""
+        row = self.running.index(gen)
+        last = len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            self.kv.move_row(last, row, moved.length)
+            self.running[row] = moved
+        self.running.pop()
+        self._report_queue()
+        self._end(gen, reason, error)
+
+    def _end(self, gen: Generation, reason: str | None = None, error: str | None = None) -> None:
+        if error is None and not gen.cancelled:
+            tail = gen.stream.finish()
+            if tail:
+                gen._send("text", tail)
+            gen.finish_reason = reason
+            gen._send("done", reason)
+            self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.monotonic() - gen.submitted)
+        elif error is not None:
+            gen.finish_reason = "error"
+            gen._send("error", error)
+
+    def _report_queue(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue(len(self.waiting), len(self.running))

@@ -1,0 +1,216 @@
+"""Causal LMs over HTTP: /v1/chat/completions, /v1/completions and /v1/models, on taoke's batching engine.
+
+Chat prompts are rendered with the model's own chat template, exactly as `taoke chat`/`predict` do.
+Responses and stream chunks have OpenAI's shapes (ids, usage, finish_reason; `stream_options.include_usage`
+adds a final usage chunk). A client that disconnects cancels its generation, which frees its batch row
+before the next decoding step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from taoke.ship.serve.app import ServeSettings, check_model, read_body
+from taoke.ship.serve.engine import SHUT_DOWN, Engine, Generation, QueueFull, Sampling, ShuttingDown
+from taoke.ship.serve.errors import ApiError
+from taoke.ship.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest
+
+POLL_S = 0.5   # how often a non-streaming request checks that its client is still there
+
+
+class ClientGone(Exception):
+    pass
+
+
+class LanguageService:
+    def __init__(self, model, tokenizer, settings: ServeSettings, metrics, *, max_batch: int = 32,
+                 max_queue: int = 64, max_model_len: int | None = None):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics
+        limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                             max_model_len=self.max_model_len, metrics=metrics)
+        self.created = int(time.time())
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.engine.stop, 0.0)
+
+    def ready(self) -> bool:
+        return self.engine.thread.is_alive() and self.engine.accepting
+
+    # ------------------------------------------------------------------------------------------ routes
+
+    def register(self, app: FastAPI) -> None:
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.settings.model_id, "object": "model",
+                                                "created": self.created, "owned_by": "taoke"}]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            body = await read_body(request, ChatRequest)
+            self._check(body)
+            if not self.tokenizer.chat_template:
+                raise ApiError(400, "this model has no chat template; use /v1/completions")
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return await self._respond(request, body, ids, chat=True, prompt=messages[-1]["content"])
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await read_body(request, CompletionRequest)
+            self._check(body)
+            ids = self.tokenizer(body.prompt_text)["input_ids"]
+            return await self._respond(request, body, ids, chat=False, prompt=body.prompt_text)
+
+    def _check(self, body: GenerationRequest) -> None:
+        check_model(self.settings, body.model)
+        body.check_supported()
+
+    def _sampling(self, body: GenerationRequest, prompt_tokens: int) -> Sampling:
+        cap = self.settings.max_tokens_cap
+        room = self.max_model_len - prompt_tokens
+        if room < 1:
+            raise ApiError(400, f"the prompt is {prompt_tokens} tokens; this model's context is {self.max_model_len}",
+                           param="messages", code="context_length_exceeded")
+        wanted = body.requested_max_tokens
+        if wanted is None:
+            wanted = min(cap, room)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if wanted < 1:
+            raise ApiError(400, f"{param} must be at least 1, got {wanted}", param=param)
+        if wanted > cap:
+            raise ApiError(400, f"{param} is {wanted}; this server allows at most {cap}", param=param)
+        if wanted > room:
+            raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus {param} ({wanted}) exceeds this model's "
+                           f"context of {self.max_model_len} tokens", param=param, code="context_length_exceeded")
+        return Sampling(max_tokens=wanted, temperature=float(body.temperature), top_p=float(body.top_p),
+                        seed=body.seed, stop=body.stop_list)
+
+    async def _respond(self, request: Request, body: GenerationRequest, ids: list[int], chat: bool, prompt: str):
+        audit = request.state.audit
+        audit.update(model=body.model, prompt_tokens=len(ids))
+        if self.settings.audit_prompts:
+            audit["prompt"] = prompt
+        sampling = self._sampling(body, len(ids))
+        try:
+            gen = self.engine.submit(ids, sampling, self.settings.request_timeout_s, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise ApiError(429, "the server's queue is full; retry later", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down") from None
+        self.metrics.prompt_tokens.inc(len(ids))
+        reply = Reply(chat, body.model)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(gen, reply, audit, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            text, reason = await self._collect(gen, request)
+        except ClientGone:
+            audit.update(completion_tokens=gen.completion_tokens, finish_reason="cancelled")
+            return ApiError(499, "client closed the request").response()
+        audit.update(completion_tokens=gen.completion_tokens, finish_reason=reason)
+        return reply.full(text, reason, gen)
+
+    async def _collect(self, gen: Generation, request: Request) -> tuple[str, str]:
+        pieces = []
+        try:
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(gen.events.get(), POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        raise ClientGone() from None
+                    continue
+                if kind == "text":
+                    pieces.append(value)
+                elif kind == "done":
+                    return "".join(pieces), value
+                else:
+                    raise self._failure(value)
+        finally:
+            gen.cancel()      # a no-op once finished; frees the row if the client left or the handler failed
+
+    async def _stream(self, gen: Generation, reply: "Reply", audit: dict, usage: bool):
+        try:
+            yield reply.chunk({"role": "assistant", "content": ""} if reply.chat else "", None)
+            while True:
+                kind, value = await gen.events.get()
+                if kind == "text":
+                    yield reply.chunk({"content": value} if reply.chat else value, None)
+                elif kind == "done":
+                    yield reply.chunk({} if reply.chat else "", value)
+                    if usage:
+                        yield reply.usage_chunk(gen)
+                    audit["finish_reason"] = value
+                    break
+                else:
+                    audit["finish_reason"] = "error"
+                    yield self._failure(value).sse()
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            gen.cancel()     # the client disconnected (the stream was cancelled) or the stream ended
+            audit["completion_tokens"] = gen.completion_tokens
+
+    @staticmethod
+    def _failure(message: str) -> ApiError:
+        if message == "timeout":
+            return ApiError(504, "the request ran past this server's request timeout", code="timeout")
+        if message == SHUT_DOWN:
+            return ApiError(503, message)
+        return ApiError(500, message)
+
+
+class Reply:
+    """OpenAI response bodies for one request (chat.completion or text_completion, whole or as chunks)."""
+
+    def __init__(self, chat: bool, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": "taoke"}
+
+    @staticmethod
+    def usage(gen: Generation) -> dict:
+        return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+    def full(self, text: str, reason: str, gen: Generation) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
+                "usage": self.usage(gen)}
+
+    def chunk(self, delta, reason: str | None) -> str:
+        if self.chat:
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self._base(obj), 'choices': [choice]}, ensure_ascii=False)}\n\n"
+
+    def usage_chunk(self, gen: Generation) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self._base(obj), 'choices': [], 'usage': self.usage(gen)})}\n\n"

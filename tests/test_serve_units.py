@@ -1,0 +1,232 @@
+"""Unit tests of the serving parts and sealing: detokenizer, keys, engine vs model.generate, sealed files."""
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from taoke.errors import DataError, ModelError
+from taoke.ship.seal import decrypt_file, encrypt_file, new_key, parse_key
+from taoke.ship.serve import is_loopback
+from taoke.ship.serve.auth import KeyRing, TokenBucket, bearer, read_keys
+from taoke.ship.serve.engine import Engine, QueueFull, Sampling
+from taoke.ship.serve.metrics import ServeMetrics
+from taoke.ship.serve.text import TextStream
+from tests.lm_helpers import smollm_tokenizer, tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm_tokenizer()
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+def stream_all(tok, text, stop=None):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    s = TextStream(tok, stop)
+    pieces = [s.add(i) for i in ids]
+    pieces.append(s.finish())
+    return pieces, s
+
+
+def test_text_stream_pieces_join_to_the_full_decode(tok):
+    text = "Héllo wörld — 你好，世界! 🙂 done."
+    pieces, _ = stream_all(tok, text)
+    assert "".join(pieces) == tok.decode(tok(text, add_special_tokens=False)["input_ids"])
+    assert all("\ufffd" not in p for p in pieces)          # no half characters are ever sent
+
+
+def test_text_stream_cuts_at_stop_strings_and_holds_back_their_prefixes(tok):
+    pieces, s = stream_all(tok, "one two three. four five", stop=["three."])
+    assert "".join(pieces) == "one two "
+    assert s.stopped
+    assert all("thr" not in p for p in pieces)
+    pieces, s = stream_all(tok, "one two thr", stop=["three"])   # a prefix that never completes is sent at the end
+    assert "".join(pieces) == "one two thr" and not s.stopped
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+def test_keys_file_hashed_entries_ids_and_rates(tmp_path):
+    secret = "sk-" + "a" * 40
+    other = "sk-" + "b" * 40
+    f = tmp_path / "keys.txt"
+    f.write_text(f"# comment\nalice {secret} 120\nbob sha256:{hashlib.sha256(other.encode()).hexdigest()}\n"
+                 f"sk-{'c' * 30}\n")
+    keys = read_keys(f)
+    assert [k.id for k in keys][:2] == ["alice", "bob"] and keys[0].per_minute == 120
+    assert len(keys[2].id) == 8
+    ring = KeyRing(keys)
+    assert ring.identify(secret).id == "alice" and ring.identify(other).id == "bob"
+    assert ring.identify("sk-" + "a" * 39) is None and ring.identify(None) is None
+    assert secret not in repr(ring.keys)                       # only digests are held
+    assert bearer("Bearer  xyz ") == "xyz" and bearer("Basic xyz") is None and bearer(None) is None
+
+
+@pytest.mark.parametrize("line,match", [("short", "at least 16"), ("a b c d", "expected"),
+                                        ("x sha256:abc", "64 hex"), ("x sk-aaaaaaaaaaaaaaaaaaaa -3", "positive")])
+def test_keys_file_errors_name_the_line(tmp_path, line, match):
+    f = tmp_path / "keys.txt"
+    f.write_text("\n" + line + "\n")
+    with pytest.raises(DataError, match=f"keys.txt:2: .*{match}"):
+        read_keys(f)
+
+
+def test_token_bucket_allows_a_burst_then_says_how_long_to_wait():
+    b = TokenBucket(per_minute=3)
+    assert [b.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert 0 < b.take() <= 20.0
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+def run_engine(engine, prompts, sampling):
+    async def go():
+        loop = asyncio.get_running_loop()
+        gens = [engine.submit(p, sampling, 3600, loop) for p in prompts]
+
+        async def drain(g):
+            while (event := await g.events.get())[0] == "text":
+                pass
+            assert event[0] == "done", event
+        await asyncio.gather(*[drain(g) for g in gens])
+        return [g.tokens for g in gens]
+    return asyncio.run(go())
+
+
+def test_engine_greedy_tokens_equal_model_generate_one_request_at_a_time(tok):
+    """Prompts of different lengths and max_tokens share steps, join and leave mid-way (max_batch 3 < 7
+    requests); each request's tokens must be exactly what model.generate gives for it alone."""
+    model = tiny_llama()
+    prompts = [tok(f"{'word ' * (3 * i + 1)}question {i}")["input_ids"] for i in range(7)]
+    engine = Engine(model, tok, max_batch=3, max_queue=16).start()
+    try:
+        got = run_engine(engine, prompts, Sampling(max_tokens=12, temperature=0))
+    finally:
+        engine.stop()
+    for p, tokens in zip(prompts, got):
+        x = torch.tensor([p])
+        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        ref = ref[:ref.index(2)] if 2 in ref else ref        # the engine does not return the eos token
+        assert tokens == ref
+
+
+def test_engine_sampling_is_reproducible_with_a_seed_whatever_the_batch(tok):
+    model = tiny_llama()
+    prompt = tok("tell me something")["input_ids"]
+    engine = Engine(model, tok, max_batch=4).start()
+    try:
+        alone = run_engine(engine, [prompt], Sampling(max_tokens=10, temperature=0.9, top_p=0.9, seed=7))[0]
+        crowd = run_engine(engine, [prompt] * 3 + [tok("other")["input_ids"]],
+                           Sampling(max_tokens=10, temperature=0.9, top_p=0.9, seed=7))
+    finally:
+        engine.stop()
+    assert crowd[:3] == [alone] * 3
+
+
+def test_engine_queue_is_bounded(tok):
+    engine = Engine(tiny_llama(), tok, max_batch=1, max_queue=2)   # not started: nothing leaves the queue
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(2):
+            engine.submit([1, 2, 3], Sampling(max_tokens=4, temperature=0), 60, loop)
+        with pytest.raises(QueueFull) as e:
+            engine.submit([1, 2, 3], Sampling(max_tokens=4, temperature=0), 60, loop)
+        assert e.value.retry_after >= 1
+    finally:
+        loop.close()
+
+
+def test_engine_refuses_sliding_window_models(tok):
+    model = tiny_llama()
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    with pytest.raises(ModelError, match="--engine vllm"):
+        Engine(model, tok)
+
+
+# ------------------------------------------------------------------------------------------------ seal
+
+def test_sealed_file_round_trip_and_every_kind_of_tampering(tmp_path):
+    key = new_key(tmp_path / "k")
+    assert parse_key((tmp_path / "k").read_bytes(), "k") == key
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    src = tmp_path / "w.safetensors"
+    data = bytes(range(256)) * 1000
+    src.write_bytes(data)
+    sealed = tmp_path / "w.safetensors.sealed"
+    encrypt_file(src, sealed, "w.safetensors", key, hashlib.sha256(data).hexdigest())
+    assert data[:64] not in sealed.read_bytes()
+    assert decrypt_file(sealed, "w.safetensors", key) == data
+    with pytest.raises(ModelError, match="key is wrong or the file was changed"):
+        decrypt_file(sealed, "w.safetensors", bytes(32))
+    with pytest.raises(ModelError, match="renamed or swapped"):
+        decrypt_file(sealed, "other.safetensors", key)
+    raw = sealed.read_bytes()
+    for at in (20, 40, len(raw) // 2, len(raw) - 1):      # header, header, ciphertext, tag
+        flipped = tmp_path / "flipped.sealed"
+        flipped.write_bytes(raw[:at] + bytes([raw[at] ^ 1]) + raw[at + 1:])
+        with pytest.raises(ModelError):
+            decrypt_file(flipped, "w.safetensors", key)
+    with pytest.raises(ModelError, match="never overwrites"):
+        new_key(tmp_path / "k")
+
+
+def test_seal_key_forms(tmp_path):
+    import base64
+    key = bytes(range(32))
+    assert parse_key(key.hex().encode() + b"\n", "x") == key
+    assert parse_key(base64.b64encode(key), "x") == key
+    assert parse_key(base64.urlsafe_b64encode(key).rstrip(b"="), "x") == key
+    with pytest.raises(ModelError, match="not an AES-256 key"):
+        parse_key(b"password123", "x")
+
+
+# ------------------------------------------------------------------------------------------------ alerts
+
+def test_alert_rules_use_only_metrics_the_server_exports():
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "taoke-alerts.yml").read_text())
+    metrics = ServeMetrics(queue_capacity=4)
+    metrics.request("/v1/chat/completions", 200, 0.5)       # labelled series appear once observed
+    exported = metrics.exposition()[0].decode()
+    names = {line.split("{")[0].split(" ")[0] for line in exported.splitlines() if line and not line.startswith("#")}
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} >= {"TaokeHighErrorRate", "TaokeHighLatencyP95", "TaokeQueueSaturated"}
+    import re
+    for a in alerts:
+        used = set(re.findall(r"\b(taoke_[a-z_]+)", a["expr"]))
+        assert used and used <= names, (a["alert"], used - names)
+        assert a["labels"]["severity"] and a["annotations"]["summary"]
+    json.dumps(rules)
+
+
+# ------------------------------------------------------------------------------------------------ cli
+
+
+def test_serve_refuses_a_public_binding_without_keys_before_loading_anything(taoke_main, tmp_path):
+    code, _, err = taoke_main("serve", tmp_path / "no-such-run", "--host", "0.0.0.0")
+    assert code == 2 and "--api-keys" in err
+
+
+def test_vllm_engine_says_what_it_needs_when_vllm_is_missing(tmp_path):
+    import importlib.util
+
+    from taoke.ship.serve.upstream import launch_vllm, vllm_command
+
+    cmd = vllm_command(tmp_path, "m", 1234, ["--dtype=bfloat16"])
+    assert cmd[1:4] == ["serve", str(tmp_path), "--served-model-name"] and "127.0.0.1" in cmd
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ModelError, match="pip install vllm"):
+            launch_vllm(tmp_path, "m", [])
