@@ -26,7 +26,7 @@ from taoke.inference.language import load_chat_model
 from taoke.library import add_model, list_models, registry_path, resolve, weight_files
 from taoke.lm.chat import chat_loop
 from taoke.run import Run, check_output, list_runs
-from taoke.ship.seal import resolve_key
+from taoke.formats.sealed import resolve_key
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="taoke (套壳): build task models on open base models, and prove what a model is built on.")

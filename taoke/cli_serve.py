@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 
 from taoke.errors import ModelError
-from taoke.ship.seal import new_key, resolve_key, seal_run, unseal_run
+from taoke.formats.sealed import new_key, resolve_key
+from taoke.ship.seal import seal_run, unseal_run
 from taoke.ship.serve import ServeOptions, serve
 
 

@@ -17,7 +17,7 @@ import torch
 
 import taoke
 from taoke.inference.language import load_chat_model
-from taoke.ship.seal import resolve_key
+from taoke.formats.sealed import resolve_key
 from tests.conftest import ROOT
 from tests.serve_helpers import KEYS, SLOW_KEY, Server, http, metric, tiny_sft_run, write_keys
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from taoke.errors import DataError, ModelError
-from taoke.ship.seal import decrypt_file, encrypt_file, new_key, parse_key
+from taoke.formats.sealed import decrypt_file, encrypt_file, new_key, parse_key
 from taoke.ship.serve import is_loopback
 from taoke.ship.serve.auth import KeyRing, TokenBucket, bearer, read_keys
 from taoke.ship.serve.engine import Engine, QueueFull, Sampling

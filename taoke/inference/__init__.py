@@ -13,8 +13,8 @@ from taoke.inference.task import TaskPredictor
 from taoke.models.task_model import read_meta
 from taoke.recipe import LM_TASKS
 from taoke.run import Run
-from taoke.ship.seal import SUFFIX as SEALED_SUFFIX
-from taoke.ship.seal import sealed_state
+from taoke.formats.sealed import SUFFIX as SEALED_SUFFIX
+from taoke.inference.sealed import sealed_state
 
 Predictor = TaskPredictor | OnnxPredictor | LanguagePredictor
 

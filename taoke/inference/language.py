@@ -16,7 +16,7 @@ from taoke.lm.generate import generate
 from taoke.lm.load import load_causal_lm
 from taoke.lm.train import evaluate_lm
 from taoke.run import Run
-from taoke.ship.seal import sealed_state
+from taoke.inference.sealed import sealed_state
 
 
 @dataclass

@@ -20,7 +20,7 @@ from taoke.errors import ModelError, RecipeError
 from taoke.inference import load, locate
 from taoke.inference.language import LanguagePredictor, load_chat_model
 from taoke.lm.load import plain_model_dir
-from taoke.ship.seal import resolve_key
+from taoke.formats.sealed import resolve_key
 from taoke.ship.serve.app import ServeSettings, configure_audit, create_app, run
 from taoke.ship.serve.auth import KeyRing, read_keys
 from taoke.ship.serve.classify import ClassifierService
