@@ -1,12 +1,14 @@
 """LoRA SFT of smollm2-135m: taoke's train_lm vs HF Trainer + PEFT (and TRL SFTTrainer when installed).
 
-Same model, data (chatterbot dialogs, every 10th conversation held out), assistant-only labels, LoRA
-config, sequence length, batch size (rows per step), steps, lr and schedule. Each peer runs in a fresh
+Same model, data (every 10th example held out), assistant-only labels, LoRA config, sequence length, batch
+size (rows per step), steps, lr and schedule. Two data shapes: `--data chatterbot` (short dialog turns,
+~40 tokens) and `--data poems` (an instruction and a Chinese poem, 110-300 tokens, data/poems-zh). Each peer runs in a fresh
 subprocess so peak RSS does not mix. Held-out loss is computed by one function (taoke.lm.train.evaluate_lm,
 exact per-token mean) for every peer. Prints a markdown table and appends it to bench/RESULTS.md.
 
     .venv/bin/python bench/sft_vs_hf.py --steps 40 --threads 2 --peers taoke,hf --repeat 3
     .venv/bin/python bench/sft_vs_hf.py --steps 40 --threads 2 --peers taoke,hf --repeat 3 --compile true --cold-cache
+    .venv/bin/python bench/sft_vs_hf.py --data poems --batch 8 --steps 20 --threads 2 --dropout 0.05 --repeat 3
 
 The machine's speed drifts (shared cores), so --repeat interleaves the peers and the table reports medians,
 the per-run ratios and every run. "steady" tokens/s leave out the first steps (warm-up, compiling).
@@ -30,17 +32,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT / "data" / "chatterbot" / "dialogs.jsonl"
-# lora_dropout 0: the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml
-LORA = dict(r=16, alpha=32, dropout=0.0)
+DATA = {"chatterbot": ROOT / "data" / "chatterbot" / "dialogs.jsonl", "poems": ROOT / "data" / "poems-zh" / "poems.jsonl"}
+# lora_dropout defaults to 0, the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml (--dropout sets it)
+LORA = dict(r=16, alpha=32)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SKIP_STEPS = 5  # steady-state tokens/s starts after this many optimizer steps, for every peer
 
 
-def rows_and_heldout(tok, seq_len):
+def rows_and_heldout(tok, seq_len, data):
     from taoke.lm.data import encode_conversations, read_conversations
 
-    convs = read_conversations(DATA)
+    convs = read_conversations(DATA[data])
     train = [c for i, c in enumerate(convs) if i % 10]
     held = [c for i, c in enumerate(convs) if i % 10 == 0]
     return encode_conversations(tok, train, seq_len), encode_conversations(tok, held, seq_len)
@@ -63,16 +65,17 @@ def worker(peer: str, args) -> dict:
     from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
 
     model, tok = load_causal_lm("smollm2-135m", device="cpu")
-    train, held = rows_and_heldout(tok, args.seq_len)
+    train, held = rows_and_heldout(tok, args.seq_len, args.data)
     # the recipe blocks a taoke run of this benchmark would hold
     train_cfg = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, warmup_ratio=0.1,
-                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=0, threads=args.threads)
+                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=0, threads=args.threads,
+                            precision="fp32" if peer == "taoke-fp32" else "auto")
     lm_cfg = LMConfig(seq_len=args.seq_len, compile=args.compile)
     adapt_cfg = AdaptConfig(method="lora", target_modules=TARGETS, r=LORA["r"], alpha=LORA["alpha"],
-                            dropout=LORA["dropout"])
+                            dropout=args.dropout)
     marks = []  # (seconds since training started, tokens so far) at the end of each optimizer step
     compiled = False
-    if peer == "taoke":
+    if peer.startswith("taoke"):
         model, _ = adapt_lm(model, adapt_cfg)
         t0 = time.perf_counter()
         hist = train_lm(model, tok, train, train_cfg, lm_cfg, progress=False,
@@ -140,7 +143,7 @@ def _hf_train(peer, model, tok, train, args, marks):
                   report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                   bf16=peer.endswith("-bf16"))
     counter = _TokenCounter()
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=TARGETS,
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=args.dropout, target_modules=TARGETS,
                       task_type="CAUSAL_LM")
     if peer in ("hf", "hf-bf16"):
         ds = ds.remove_columns("completion_mask")
@@ -185,7 +188,7 @@ def run_peer(peer, args) -> dict:
     out = Path(f"/tmp/taoke-bench-{peer}-{os.getpid()}.json")
     cmd = [sys.executable, __file__, "--worker", peer, "--out", str(out), "--steps", str(args.steps),
            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-           "--threads", str(args.threads), "--compile", args.compile]
+           "--threads", str(args.threads), "--compile", args.compile, "--data", args.data, "--dropout", str(args.dropout)]
     env, cache = dict(os.environ), None
     if args.cold_cache:  # inductor's on-disk cache starts empty: the compile is paid in full in this run
         cache = env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="taoke-bench-inductor-")
@@ -207,7 +210,10 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every peer (1 is fastest when the "
                                                            "machine is shared; set to the core count otherwise)")
     ap.add_argument("--peers", default="taoke,hf,hf-bf16,trl",
-                    help="hf: HF Trainer+PEFT defaults (fp32); hf-bf16: the same with bf16=True")
+                    help="hf: HF Trainer+PEFT defaults (fp32); hf-bf16: the same with bf16=True; "
+                         "taoke-fp32: taoke with train.precision fp32")
+    ap.add_argument("--data", default="chatterbot", choices=sorted(DATA))
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, the same for every peer")
     ap.add_argument("--compile", default="false", choices=["auto", "true", "false"],
                     help="taoke's train.compile (torch.compile of the decoder layers)")
     ap.add_argument("--cold-cache", action="store_true", help="give every run an empty torch.compile cache")
@@ -257,7 +263,8 @@ def main():
         per_run = [a["steady_tokens_per_s"] / b["steady_tokens_per_s"] for a, b in zip(runs[p], runs.get("hf", []))
                    if "error" not in a and "error" not in b]
         spread = f"{min(per_run):.2f}-{max(per_run):.2f}x" if per_run else ""
-        flops = 6 * rs[0]["params"] * steady  # PaLM-style 6N per token (LoRA's frozen weights skip ~1/3)
+        # LoRA: 4N FLOP per token (forward 2N, input gradients 2N; frozen weights need no weight gradients)
+        flops = 4 * rs[0]["params"] * steady
         name = p + (" (compiled)" if rs[0].get("compiled") else "")
         lines.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {steady:.1f} | {steady_ratio:.2f}x | {spread} | "
                      f"{flops / peak_bf16:.1%} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
@@ -270,7 +277,8 @@ def main():
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     head = (f"\n## sft_vs_hf — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
-            f"LoRA SFT smollm2-135m (r={LORA['r']}, all linear projections), chatterbot dialogs, "
+            f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all linear "
+            f"projections), data {args.data} ({DATA[args.data].relative_to(ROOT)}), "
             f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, threads={args.threads}, "
             f"taoke compile={args.compile}{' (cold cache)' if args.cold_cache else ''}, {args.repeat} interleaved run(s) per peer (medians; RSS: the largest). "
             f"Machine: {os.cpu_count()} cores, {cpu}, native bf16: {cpu_has_bf16()}; "

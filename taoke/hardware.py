@@ -6,7 +6,9 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import resource
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -40,6 +42,34 @@ def cpu_has_bf16() -> bool:
 def cpu_model() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")),
                 platform.processor() or "unknown CPU")
+
+
+# the flags that decide which kernels a CPU can run for training (bf16/int8 matmuls, vector width)
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8",
+                "avx_vnni")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def runtime_record(device: torch.device) -> dict:
+    """How this process runs: device, CPU model and kernel flags, cores, threads, library versions."""
+    rec = {"device": str(device), "cpu": cpu_model(), "cpu_flags": sorted(set(KERNEL_FLAGS) & cpu_flags()),
+           "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           "versions": {p: _version(p) for p in ("torch", "transformers", "peft")}}
+    if device.type == "cuda":
+        rec["gpu"] = torch.cuda.get_device_name(device)
+    return rec
 
 
 def machine_summary() -> str:

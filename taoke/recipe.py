@@ -273,8 +273,9 @@ class TrainConfig(Strict):
         "auto", "auto: bf16 autocast where it measures faster on this machine, else fp32")
     device: str = field("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     threads: int | None = field(None, "CPU threads for torch (default: torch's own choice)", gt=0)
-    checkpoint_every: int | None = field(50, "optimizer steps between resumable checkpoints (null: none)",
-                                         CLASSIFICATION_TASKS, gt=0)
+    checkpoint_every: int | None = field(50, "optimizer steps between resumable checkpoints (null: none); LM runs "
+                                         "save the trainable weights, optimizer, schedule, RNG and data position",
+                                         gt=0)
 
 
 class EvalConfig(Strict):

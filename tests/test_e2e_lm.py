@@ -33,6 +33,30 @@ def test_sft_lora_slice(tmp_path):
     assert "Sample generations" in (out / "report.md").read_text()
     rows = [json.loads(l) for l in run_cli("predict", out, "What is a computer?", "--json").stdout.splitlines()]
     assert rows[0]["completion"].strip()
+    check_runtime(lin, out, steps=6)
+
+
+def check_runtime(lin, out, steps):
+    """lineage's runtime section says how the run ran: this machine (read here from /proc/cpuinfo), the recipe's
+    threads, a precision with the reason and measurement that chose it, and speed and memory figures."""
+    rt = lin["runtime"]
+    flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split()
+    assert set(rt["cpu_flags"]) == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                                    "amx_int8", "avx_vnni"} & set(flags)
+    assert rt["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and rt["threads"] == 1  # the recipe's
+    assert rt["versions"]["torch"] == torch.__version__ and rt["steps"] == steps
+    native = bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    p = rt["precision"]
+    if native and rt["device"] == "cpu":  # measured on the training step, and the choice follows the figure
+        assert p["measured"]["probe"] == "training step"
+        assert (p["precision"] == "bf16") == (p["measured"]["speedup"] >= 1.15)
+    elif rt["device"] == "cpu":
+        assert p["precision"] == "fp32" and "no native bf16" in p["reason"]
+    assert rt["tokens_per_s"] == round(lin["metrics"]["tokens_per_s"], 2)
+    assert rt["fused_lora_layers"] == 7 * 30 and rt["compiled"] is False
+    assert 500 < rt["peak_rss_mb"] < 24_000
+    report = (out / "report.md").read_text()
+    assert "## How it ran" in report and f"precision: {p['precision']}" in report
 
 
 @pytest.mark.slow

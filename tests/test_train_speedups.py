@@ -8,7 +8,8 @@ from taoke.models.scratch import TransformerClassifier
 from taoke.recipe import TrainConfig
 from taoke.train.batches import Encoded
 from taoke.train.embedding_rows import UsedRowsEmbedding, compact_input_embedding
-from taoke.train.precision import BF16_MIN_PARAMS, autocast_dtype, bf16_speedup
+from taoke.hardware import cpu_has_bf16
+from taoke.train.precision import BF16_MIN_PARAMS, MIN_SPEEDUP, autocast_dtype, choose_for_training, choose_precision
 
 
 def text_data(n=96, vocab_used=60, seed=0):
@@ -69,18 +70,50 @@ def test_compact_rows_skipped_where_not_exact_or_not_worth_it():
     assert handle is not None and len(handle.compact.row_ids) < 60
 
 
-def test_precision_choice():
+def test_precision_choice_follows_its_own_measurement():
     cpu = torch.device("cpu")
     big = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
     assert sum(p.numel() for p in big.parameters()) >= BF16_MIN_PARAMS
     assert autocast_dtype("fp32", cpu, big) is None
     assert autocast_dtype("bf16", cpu, big) is torch.bfloat16
-    assert autocast_dtype("auto", cpu, torch.nn.Linear(8, 8)) is None  # too small to gain
-    chosen = autocast_dtype("auto", cpu, big, tokens=256)
-    # auto follows the measured speed-up of this machine's matmuls
-    if chosen is torch.bfloat16:
-        assert bf16_speedup(256, 2048, 2048) >= 1.15
-    assert bf16_speedup(16, 64, 64) > 0
+    small = choose_precision("auto", cpu, torch.nn.Linear(8, 8))
+    choice = choose_precision("auto", cpu, big, tokens=256)
+    if not cpu_has_bf16():   # emulated bf16 is never chosen, and nothing is timed
+        assert small.dtype is None and choice.dtype is None and choice.measured is None
+        assert "no native bf16" in choice.reason
+        return
+    assert small.dtype is None and "parameters" in small.reason  # too small to gain
+    # the decision is the rule applied to the figure recorded beside it
+    assert choice.measured["probe"] == "matmul 256x2048 @ 2048x2048"
+    assert (choice.dtype is torch.bfloat16) == (choice.measured["speedup"] >= MIN_SPEEDUP)
+    assert choice.record()["precision"] == ("bf16" if choice.dtype is torch.bfloat16 else "fp32")
+
+
+def test_training_step_probe_leaves_the_run_as_if_nothing_was_measured():
+    """choose_for_training times the loop's own step in both precisions; the random stream and the gradients
+    are as they were before it (a dropout model draws random numbers in every step)."""
+    cpu = torch.device("cpu")
+    model = torch.nn.Sequential(torch.nn.Linear(1536, 2048), torch.nn.Dropout(0.5), torch.nn.Linear(2048, 1536))
+    assert sum(p.numel() for p in model.parameters()) >= BF16_MIN_PARAMS
+    x = torch.randn(64, 1536)
+    calls = []
+
+    def loss():
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return model(x).square().mean()
+
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    choice = choose_for_training("auto", cpu, model, loss)
+    assert torch.equal(torch.rand(4), expected)
+    assert all(p.grad is None for p in model.parameters())
+    if cpu_has_bf16():
+        assert calls == [False, True] * 3   # a warm-up and two timed steps each, interleaved
+        assert choice.measured["probe"] == "training step"
+        assert (choice.dtype is torch.bfloat16) == (choice.measured["speedup"] >= MIN_SPEEDUP)
+    else:
+        assert calls == [] and choice.dtype is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

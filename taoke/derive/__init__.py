@@ -53,7 +53,5 @@ def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str
         if parent.sealed:
             raise RecipeError(f"{base.run_dir}: the parent run is sealed; unseal it first (taoke unseal)")
     if parsed.is_lm:
-        if run is not None:
-            raise RecipeError(f"{run.path}: language-model runs cannot be resumed yet; start the run again.")
-        return derive_language_model(parsed, base, out, quiet=quiet, dry_run=dry_run)
+        return derive_language_model(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)
     return derive_classifier(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)

@@ -25,7 +25,7 @@ from taoke.data.prepare import TASK_INPUT, DataPlan, prepare_data
 from taoke.data.tabular import feature_names
 from taoke.data.text import train_word_tokenizer
 from taoke.derive.card import model_card
-from taoke.derive.record import build_lineage
+from taoke.derive.record import build_lineage, runtime_section
 from taoke.edit import EditResult, apply_edits, apply_post_adapt
 from taoke.errors import ModelError, RecipeError
 from taoke.evaluate import baselines
@@ -363,7 +363,9 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
             metrics={"derived": rows[-1][1], "derived_per_class": derived.get("per_class"), "k_fold": cv,
                      **({"compression": dict(compression)} if compression else {}),
                      **{name: m for name, m in base_rows}, "reference": reference},
-            license=base.license if not base.is_scratch else None)
+            license=base.license if not base.is_scratch else None,
+            runtime=runtime_section(next(built.model.parameters()).device, precision=result.precision_choice,
+                                    seconds=result.seconds, samples_per_s=result.samples_per_s))
         save_task_model(built.model.cpu(), run.model_dir, built.meta, built.tokenizer)
         library = "transformers" if isinstance(built.model, HFClassifier) and not built.meta.get("head") else "taoke"
         fit_info = {"epochs_run": len(result.history), "seconds": result.seconds, "precision": result.precision,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from rich.console import Console
 
 from taoke.adapt.language import adapt_lm
 from taoke.derive.card import model_card
-from taoke.derive.record import build_lineage
+from taoke.derive.record import build_lineage, runtime_section
 from taoke.edit.layers import check_indices, drop_layers, expand_layers, kept_layers
 from taoke.edit.prune import kept_counts, prune
 from taoke.edit.vocab import expand_vocab, read_tokens
@@ -39,6 +40,8 @@ from taoke.models.parts import count_parameters, find_stack, unwrap
 from taoke.models.widths import blocks, head_shape
 from taoke.recipe import LM_TASKS, Recipe, recipe_to_yaml
 from taoke.run import Run
+from taoke.train.checkpoint import checkpoint_position
+from taoke.train.core import seed_everything
 
 console = Console(stderr=True)
 # Parity prompts where the data has none of its own (continued pretraining, DPO): short chat turns.
@@ -222,8 +225,10 @@ def independent_references(recipe: Recipe, base: BaseRef, trained, edits: list[d
 # ---------------------------------------------------------------------------------------------- the workflow
 
 def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None, quiet: bool = False,
-                          dry_run: bool = False) -> Run | None:
-    """Train and judge a causal LM as the recipe says; returns the complete run (None for a dry run)."""
+                          dry_run: bool = False, resume: Run | None = None) -> Run | None:
+    """Train and judge a causal LM as the recipe says; returns the complete run (None for a dry run). `resume`
+    continues a killed run from its last checkpoint: everything before training is deterministic and runs
+    again, training picks up where the checkpoint left it."""
     check_base(recipe, base)
     model, tok = load_causal_lm(base, device=recipe.train.device)
     if recipe.lm.chat_template or recipe.task in ("sft", "dpo"):
@@ -241,8 +246,10 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
         return None
     prompts, refs = held_out_prompts(recipe, held_items)
 
-    run = Run.create(recipe.name, out)
+    run = resume or Run.create(recipe.name, out)
     recipe_yaml = recipe_to_yaml(recipe)
+    if resume:
+        run.truncate_metrics(checkpoint_position(run.checkpoint_dir)["step"], epoch=0)
     run.write_recipe(recipe_yaml)
     with run.running() as log:
         console.print(f"[bold]{recipe.name}[/]: {base.name} -> {recipe.task}; {len(train_items)} train / "
@@ -259,12 +266,15 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
         if any(e["op"] == "expand_vocab" for e in edits):  # the new tokens change how the held-out text splits
             held_rows = encode(recipe, tok, held_items)
         train_rows = encode(recipe, tok, train_items)
+        seed_everything(recipe.train.seed)   # the adapter's initial weights follow the recipe's seed, not the history
         model, adaptation = adapt_lm(model, recipe.adapt, train_only or None, new_token_ids(edits))
         on_step = lambda r: log({"type": "step", **r})  # noqa: E731
+        resumable = dict(checkpoint_dir=run.checkpoint_dir, resume=resume is not None)
         if recipe.task == "dpo":
-            hist = train_dpo(model, tok, train_rows, recipe.train, recipe.lm, on_step=on_step)
+            hist = train_dpo(model, tok, train_rows, recipe.train, recipe.lm, on_step=on_step, **resumable)
         else:
-            hist = train_lm(model, tok, train_rows, recipe.train, recipe.lm, on_step=on_step, progress=not quiet)
+            hist = train_lm(model, tok, train_rows, recipe.train, recipe.lm, on_step=on_step, progress=not quiet,
+                            **resumable)
         trained = hist.model
         derived_scores = score(recipe, trained, tok, held_rows, prompts, refs)
         log({"type": "test", **{k: v for k, v in derived_scores.items() if k != "samples"}})
@@ -303,7 +313,10 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
             recipe_sha256=sha256_bytes(recipe_yaml.encode()),
             metrics={reference: rows[0][1], "derived": rows[1][1], "reference": reference, "parity": parity,
                      "tokens_per_s": hist.tokens_per_s},
-            license=base.license)
+            license=base.license,
+            runtime=runtime_section(next(trained.parameters()).device, precision=hist.precision_choice,
+                                    seconds=hist.seconds, steps=len(hist.steps), tokens_per_s=hist.tokens_per_s,
+                                    compiled=hist.compiled, fused_lora_layers=hist.fused_lora_layers))
         compression = [(f"{reference} (as published)", unpruned), ("pruned, before healing", pruned),
                        ("derived (pruned and healed)", measured(unwrap(trained), derived_scores, held_rows,
                                                                metric_names))] if prunes else None
@@ -311,5 +324,7 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
             lineage["metrics"]["compression"] = dict(compression)
         report = render_lm_report(lineage, rows, metric_names, reference, base_scores, derived_scores, hist, parity,
                                   compression)
-        return run.finish(lineage=lineage, card=model_card(lineage, rows, metric_names, "transformers"),
-                          report=report, rows=rows, metrics=metric_names, reference=reference, quiet=quiet)
+        run.finish(lineage=lineage, card=model_card(lineage, rows, metric_names, "transformers"),
+                   report=report, rows=rows, metrics=metric_names, reference=reference, quiet=quiet)
+    shutil.rmtree(run.checkpoint_dir, ignore_errors=True)  # only needed while the run can be resumed
+    return run

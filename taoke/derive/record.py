@@ -6,6 +6,7 @@ import os
 from datetime import datetime, timezone
 
 from taoke.files import sha256_file
+from taoke.hardware import peak_rss_mb, runtime_record
 from taoke.library import BaseRef, weight_files
 from taoke.run import Run
 from taoke.version import __version__
@@ -43,8 +44,17 @@ def root_base(base: BaseRef) -> dict | None:
     return {"name": base.name, "hub_id": base.hub_id, "source": base.source, "license": base.license}
 
 
+def runtime_section(device, *, precision: dict | None, seconds: float, **figures) -> dict:
+    """lineage.json's `runtime`: the machine and libraries, the precision chosen and the measurement that chose
+    it, and how fast training ran (figures such as tokens_per_s, compiled), with the process's peak RSS."""
+    return {**runtime_record(device), "precision": precision, "train_seconds": round(seconds, 2),
+            **{k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()},
+            "peak_rss_mb": peak_rss_mb()}
+
+
 def build_lineage(*, name: str, run_id: str, task: str, base: BaseRef, relation: str, edits: list[dict],
-                  adaptation: dict, data: dict, recipe_sha256: str, metrics: dict, license: str | None) -> dict:
+                  adaptation: dict, data: dict, recipe_sha256: str, metrics: dict, license: str | None,
+                  runtime: dict | None = None) -> dict:
     return {
         "schema": SCHEMA,
         "name": name,
@@ -62,4 +72,5 @@ def build_lineage(*, name: str, run_id: str, task: str, base: BaseRef, relation:
         "metrics": metrics,
         "root_base": root_base(base),
         "parents": parent_chain(base),
+        "runtime": runtime,
     }

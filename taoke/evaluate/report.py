@@ -31,6 +31,31 @@ def compression_table(rows: list[tuple[str, dict]], metrics: list[str]) -> list[
     return out
 
 
+def runtime_lines(runtime: dict | None) -> list[str]:
+    """'How it ran' section: machine, threads, precision and why, speed, memory, versions."""
+    if not runtime:
+        return []
+    p = runtime.get("precision") or {}
+    measured = p.get("measured") or {}
+    timing = (f" (fp32 {measured['fp32_s']:.3f} s vs bf16 {measured['bf16_s']:.3f} s per step on a slice of the "
+              "first batch)") if "fp32_s" in measured else (f" ({measured['probe']})" if measured else "")
+    speed = ", ".join(f"{runtime[k]:,.1f} {unit}" for k, unit in (("tokens_per_s", "non-padding tokens/s"),
+                                                                 ("samples_per_s", "samples/s")) if k in runtime)
+    extras = [f"decoder layers compiled: {'yes' if runtime['compiled'] else 'no'}"] if "compiled" in runtime else []
+    if runtime.get("fused_lora_layers") is not None:
+        extras.append(f"fused LoRA forward on {runtime['fused_lora_layers']} layers")
+    versions = ", ".join(f"{k} {v}" for k, v in (runtime.get("versions") or {}).items() if v)
+    return ["", "## How it ran", "",
+            f"- device: {runtime['device']}" + (f" ({runtime['gpu']})" if runtime.get("gpu") else "")
+            + f"; CPU {runtime['cpu']}, {runtime['cores']} cores, {runtime['threads']} threads; kernel flags: "
+            + (", ".join(runtime["cpu_flags"]) or "none of AVX2/AVX512/AMX"),
+            f"- precision: {p.get('precision', '?')}, {p.get('reason', '')}{timing}",
+            f"- training: {runtime['train_seconds']:.1f} s" + (f", {speed}" if speed else "")
+            + (f"; {'; '.join(extras)}" if extras else ""),
+            f"- peak RSS of the run's process: {runtime['peak_rss_mb']:,.0f} MB",
+            f"- versions: {versions}"]
+
+
 def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[str], reference: str | None,
                   notes: list[str], per_class: dict | None, fit: dict, plots: list[str],
                   k_fold: dict | None = None, compression: list[tuple[str, dict]] | None = None) -> str:
@@ -65,6 +90,7 @@ def render_report(*, lineage: dict, rows: list[tuple[str, dict]], metrics: list[
             lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}](plots/{p})" for p in plots]
+    lines += runtime_lines(lineage.get("runtime"))
     lines.append("")
     return "\n".join(lines)
 
@@ -106,5 +132,7 @@ def render_lm_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[
     if compression:
         lines += ["", "## Pruning: base, pruned before healing, derived (same held-out examples)", ""]
         lines += compression_table(compression, [m for m in metrics if m in compression[0][1]])
-    lines += ["", "![loss](plots/loss.png)", ""]
+    lines += ["", "![loss](plots/loss.png)"]
+    lines += runtime_lines(lineage.get("runtime"))
+    lines.append("")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,9 @@ from taoke.lm.train import LMHistory, model_device
 from taoke.recipe import LMConfig, TrainConfig
 from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, total_steps,
                               trainable)
-from taoke.train.precision import autocast, autocast_dtype
+from taoke.train.checkpoint import (checkpoint_position, has_checkpoint, load_checkpoint, restore_trainable,
+                                    save_checkpoint, trainable_state)
+from taoke.train.precision import PrecisionChoice, autocast, choose_for_training
 
 
 def encode_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[dict]:
@@ -61,8 +64,10 @@ def _reference(model, batch):
 
 
 def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm: LMConfig, *,
-              eval_pairs: list[dict] | None = None, on_step=None) -> LMHistory:
-    """Train an adapted model on encoded pairs (encode_pairs); returns LMHistory (steps with loss, reward_acc)."""
+              eval_pairs: list[dict] | None = None, on_step=None, checkpoint_dir: Path | None = None,
+              resume: bool = False) -> LMHistory:
+    """Train an adapted model on encoded pairs (encode_pairs); returns LMHistory (steps with loss, reward_acc).
+    Checkpoints and `resume` as train_lm has them."""
     if not train_pairs:
         raise ValueError("no DPO pairs")
     torch.manual_seed(train.seed)
@@ -70,10 +75,20 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
         torch.set_num_threads(train.threads)
     peft = hasattr(model, "disable_adapter")
     device = model_device(model)
-    dtype = autocast_dtype(train.precision, device, model, train.batch_size * lm.seq_len)
     pad_id = tokenizer.pad_token_id
     n = train.batch_size
     groups = [train_pairs[i:i + n] for i in range(0, len(train_pairs), n)]
+    model.train()
+    resumed = checkpoint_position(checkpoint_dir) if resume and has_checkpoint(checkpoint_dir) else None
+    if resumed is not None:   # the numerics the run had before it stopped, not a new measurement
+        choice = PrecisionChoice(torch.bfloat16 if resumed["precision"] == "bf16" else None,
+                                 "kept from before the run was resumed", resumed.get("precision_measured"))
+    else:
+        probe = _pair_batch(groups[0][:1], pad_id, device)   # one pair: the precision probe times its real step
+        with FastLoraForward(model):   # the policy's step as it will run
+            choice = choose_for_training(train.precision, device, model,
+                                         lambda: sequence_logprobs(model, probe).sum())
+    dtype = choice.dtype
     ref_cache = None
     if not peft:  # full/freeze: reference log-probs now, before any update (no second model in memory)
         model.eval()
@@ -82,11 +97,17 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
     params = trainable(model)
     opt = make_optimizer(model, train)
     sched = make_scheduler(opt, train, n_steps)
-    hist = LMHistory(precision="bf16" if dtype is not None else "fp32")
+    hist = LMHistory(precision=choice.name, precision_choice=choice.record())
     model.train()
-    start, gi = time.perf_counter(), 0
-    with FastLoraForward(model):  # the reference pass (adapters disabled, no autocast) keeps PEFT's forward
-        for step in range(1, n_steps + 1):
+    start, gi, first = time.perf_counter(), 0, 1
+    if resumed is not None:   # after the reference log-probs above, which come from the model before any update
+        state, loop = load_checkpoint(checkpoint_dir, opt, sched)
+        restore_trainable(model, state)
+        gi, first, hist.steps, hist.tokens = loop["pairs_batch"], loop["step"] + 1, loop["steps"], loop["tokens"]
+        start -= loop["seconds"]
+    with FastLoraForward(model) as fused:  # the reference pass (adapters disabled, no autocast) keeps PEFT's forward
+        hist.fused_lora_layers = len(fused.swapped)
+        for step in range(first, n_steps + 1):
             losses, accs, margins = [], [], []
             for _ in range(train.grad_accum):
                 k = gi % len(groups)
@@ -109,6 +130,12 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
             hist.steps.append(row)
             if on_step:
                 on_step(row)
+            if checkpoint_dir is not None and train.checkpoint_every and step % train.checkpoint_every == 0 \
+                    and step < n_steps:
+                save_checkpoint(checkpoint_dir, trainable_state(model), opt, sched, {
+                    "step": step, "pairs_batch": gi, "steps": hist.steps, "tokens": hist.tokens,
+                    "seconds": time.perf_counter() - start, "precision": choice.name,
+                    "precision_measured": choice.measured})
     hist.seconds = time.perf_counter() - start
     if eval_pairs:
         hist.evals.append({"step": n_steps, **evaluate_dpo(model, tokenizer, eval_pairs, lm.beta)})

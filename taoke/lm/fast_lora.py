@@ -4,11 +4,13 @@ PEFT computes `base(x) + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`: under b
 cast to fp32 and back to bf16 for every adapted layer, each of q/k/v casts the same normed input on its own,
 and the scaling and the sum are two more passes over the output. Here the input is cast once (layers fed the
 same tensor share the cast) and `torch.addmm` adds `scaling * (x A^T) B^T` into the base output inside the
-matmul: the same function of the same bf16 operands, with one rounding instead of three. The LoRA parameters,
-their names and PEFT's merge/save are untouched; only `forward` is swapped, and put back on exit.
+matmul: the same function of the same bf16 operands, with one rounding instead of three. LoRA dropout is
+applied, as PEFT applies it, to the adapter's input only (each layer draws its own mask, on the shared bf16
+cast), so a recipe's default dropout keeps the fast path. The LoRA parameters, their names and PEFT's
+merge/save are untouched; only `forward` is swapped, and put back on exit.
 
-Layers this does not cover (DoRA, dropout > 0, several active adapters, LoRA bias, merged weights) keep PEFT's
-forward. Measured on smollm2-135m LoRA r=16 on 2 CPU cores: see bench/RESULTS.md.
+Layers this does not cover (DoRA, several active adapters, LoRA bias, merged weights) keep PEFT's forward.
+Measured on smollm2-135m LoRA r=16 on 2 CPU cores: see bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ def _plain_lora(layer: nn.Module) -> str | None:
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
         return None
-    if not isinstance(layer.lora_dropout[name], nn.Identity) or layer.lora_B[name].bias is not None:
+    if type(layer.lora_dropout[name]) not in (nn.Identity, nn.Dropout) or layer.lora_B[name].bias is not None:
         return None
     return name
 
 
 def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
+    dropout = layer.lora_dropout[name]
     scaling = layer.scaling[name]
     original = layer.forward
 
@@ -65,7 +68,9 @@ def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
         with torch.autocast(x.device.type, enabled=False):
             bias = base.bias.to(dtype) if base.bias is not None else None
             out = F.linear(flat, base.weight.to(dtype), bias)
-            a = F.linear(flat, lora_a.weight.to(dtype))
+            dropped = F.dropout(flat, dropout.p, training=True) if dropout.training and getattr(dropout, "p", 0) \
+                else flat
+            a = F.linear(dropped, lora_a.weight.to(dtype))
             # in place on a base tensor (not a view, which autograd would copy back): linear's backward needs
             # its inputs, not its output, and a fresh result would cost a copy
             out.addmm_(a, lora_b.weight.to(dtype).t(), alpha=scaling)

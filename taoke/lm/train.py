@@ -12,6 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,7 +29,9 @@ from taoke.models.parts import find_stack
 from taoke.recipe import LMConfig, TrainConfig
 from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, total_steps,
                               trainable)
-from taoke.train.precision import autocast, autocast_dtype
+from taoke.train.checkpoint import (checkpoint_position, has_checkpoint, load_checkpoint, restore_trainable,
+                                    save_checkpoint, trainable_state)
+from taoke.train.precision import PrecisionChoice, autocast, autocast_dtype, choose_for_training
 
 
 @dataclass
@@ -40,6 +43,8 @@ class LMHistory:
     seconds: float = 0.0
     compiled: bool = False                            # whether the decoder layers ran under torch.compile
     precision: str = "fp32"                           # what autocast ran in
+    precision_choice: dict | None = None              # why, and the measurement that chose it
+    fused_lora_layers: int = 0                        # LoRA layers that ran the fused forward (fast_lora.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -76,9 +81,12 @@ def _to(batch: dict, device) -> dict:
 
 def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: LMConfig, *,
              eval_rows: list[dict] | None = None, on_step: Callable[[dict], None] | None = None,
-             progress: bool = True) -> LMHistory:
+             progress: bool = True, checkpoint_dir: Path | None = None, resume: bool = False) -> LMHistory:
     """Train an adapted model on tokenized rows ({input_ids, labels}); returns the history with the trained
-    model in .model (and, with eval_rows, its held-out loss at the end in .evals)."""
+    model in .model (and, with eval_rows, its held-out loss at the end in .evals).
+
+    With `checkpoint_dir`, every train.checkpoint_every steps the trainable weights, optimizer, schedule, RNG
+    and data position are saved; `resume` continues from there exactly as if never stopped."""
     if not train_rows:
         raise ValueError("no training rows after tokenization")
     random.seed(train.seed)
@@ -86,26 +94,39 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
     if train.threads:
         torch.set_num_threads(train.threads)
     device = model_device(model)
-    dtype = autocast_dtype(train.precision, device, model, train.batch_size * lm.seq_len)
     pad_id = tokenizer.pad_token_id
 
     unshuffled = make_batches(train_rows, lm.seq_len, train.batch_size, pad_id, lm.packing, seed=None)
+    model.train()
+    resumed = checkpoint_position(checkpoint_dir) if resume and has_checkpoint(checkpoint_dir) else None
+    if resumed is not None:   # the numerics the run had before it stopped, not a new measurement
+        choice = PrecisionChoice(torch.bfloat16 if resumed["precision"] == "bf16" else None,
+                                 "kept from before the run was resumed", resumed.get("precision_measured"))
+    else:
+        # the precision probe times the real step on one row of the first batch, cut to 256 tokens (~1 s a step)
+        probe_rows = _to({k: v[:1, :256] for k, v in unshuffled[0].items() if isinstance(v, torch.Tensor)}, device)
+        with FastLoraForward(model):   # the step as it will run: fused LoRA forward under bf16
+            choice = choose_for_training(train.precision, device, model, lambda: lm_loss_sum(model, probe_rows)[0])
+    dtype = choice.dtype
     n_steps = total_steps(train, math.ceil(len(unshuffled) / train.grad_accum))
     compile_layers = want_compile(lm.compile, device, n_steps, lm.packing)
     params = trainable(model)
     opt = make_optimizer(model, train)
     sched = make_scheduler(opt, train, n_steps)
 
+    position = {"epoch": 0, "index": 0}   # micro-batches consumed in the current epoch
+
     def micro_batches():
-        epoch = 0
         while True:  # a fresh shuffle (and packing) per epoch
-            yield from make_batches(train_rows, lm.seq_len, train.batch_size, pad_id, lm.packing,
-                                    seed=train.seed + epoch)
-            epoch += 1
+            epoch_batches = make_batches(train_rows, lm.seq_len, train.batch_size, pad_id, lm.packing,
+                                         seed=train.seed + position["epoch"])
+            while position["index"] < len(epoch_batches):
+                position["index"] += 1
+                yield epoch_batches[position["index"] - 1]
+            position["epoch"], position["index"] = position["epoch"] + 1, 0
 
     stream = micro_batches()
-    hist = LMHistory(precision="bf16" if dtype is not None else "fp32")
-    model.train()
+    hist = LMHistory(precision=choice.name, precision_choice=choice.record())
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), disable=not progress, transient=False)
     start = time.perf_counter()
@@ -124,11 +145,19 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
     is_dora = any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values())
     with FrozenInLowPrecision(model, dtype if not is_dora else None), \
             CompiledDecoder(find_stack(model).blocks, compile_layers, probe) as compiled, \
-            FastLoraForward(model, enabled=not compiled.active):
+            FastLoraForward(model, enabled=not compiled.active) as fused:
         hist.compiled = compiled.active
+        hist.fused_lora_layers = len(fused.swapped)
+        first = 1
+        if resumed is not None:   # after the set-up above (whose compile probe draws random numbers)
+            state, loop = load_checkpoint(checkpoint_dir, opt, sched)
+            restore_trainable(model, state)
+            position.update(epoch=loop["epoch"], index=loop["index"])
+            hist.steps, hist.tokens, first = loop["steps"], loop["tokens"], loop["step"] + 1
+            start -= loop["seconds"]
         with bar:
-            task = bar.add_task("train", total=n_steps, info="")
-            for step in range(1, n_steps + 1):
+            task = bar.add_task("train", total=n_steps, info="", completed=first - 1)
+            for step in range(first, n_steps + 1):
                 group = [next(stream) for _ in range(train.grad_accum)]
                 # normalise by the labelled tokens of the whole optimizer step, so packing and accumulation
                 # do not change what one step optimises
@@ -149,6 +178,12 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
                 bar.update(task, advance=1, info=f"loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s")
                 if on_step:
                     on_step(row)
+                if checkpoint_dir is not None and train.checkpoint_every and step % train.checkpoint_every == 0 \
+                        and step < n_steps:
+                    save_checkpoint(checkpoint_dir, trainable_state(model), opt, sched, {
+                        "step": step, **position, "steps": hist.steps, "tokens": hist.tokens,
+                        "seconds": time.perf_counter() - start, "precision": choice.name,
+                        "precision_measured": choice.measured})
         hist.seconds = time.perf_counter() - start
         if eval_rows:
             with compiled.eager():

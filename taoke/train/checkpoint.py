@@ -42,6 +42,22 @@ def checkpoint_position(directory: Path) -> dict:
     return torch.load(directory / LAST, weights_only=True, map_location="cpu")["loop"]
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (an adapter's, or all of a full fine-tune), detached copies on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy a trainable_state back in place (the optimizer keeps referring to the same tensors)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise RuntimeError(f"checkpoint holds other trainable parameters than the model "
+                           f"({sorted(set(state) ^ set(params))[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
 def save_best(directory: Path, model: torch.nn.Module) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -25,7 +25,7 @@ from taoke.train.checkpoint import has_checkpoint, load_best, load_checkpoint, s
 from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, seed_everything,
                               total_steps, trainable)
 from taoke.train.embedding_rows import EmbeddingRowsHandle, compact_input_embedding
-from taoke.train.precision import autocast, autocast_dtype
+from taoke.train.precision import PrecisionChoice, autocast, autocast_dtype, choose_precision
 
 
 @dataclass
@@ -38,6 +38,7 @@ class FitResult:
     samples_per_s: float = 0.0
     stopped_early: bool = False
     precision: str = "fp32"
+    precision_choice: dict | None = None                 # why, and the measurement that chose it
 
 
 def compute_loss(outputs: torch.Tensor, targets: torch.Tensor, regression: bool) -> torch.Tensor:
@@ -121,7 +122,8 @@ def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: Train
     device = next(model.parameters()).device
     if device.type == "cpu":
         keep_freed_memory()
-    dtype = autocast_dtype(cfg.precision, device, model, cfg.batch_size * _mean_length(train))
+    choice = choose_precision(cfg.precision, device, model, cfg.batch_size * _mean_length(train))
+    dtype = choice.dtype
     gen = torch.Generator().manual_seed(cfg.seed)
 
     steps_per_epoch = math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accum)
@@ -142,6 +144,7 @@ def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: Train
         model.load_state_dict(model_state)
         st = LoopState(**loop)
         dtype = {"bf16": torch.bfloat16, "fp32": None}[st.precision or "fp32"]  # same numerics as before the stop
+        choice = PrecisionChoice(dtype, "kept from before the run was resumed")
     st.precision = "bf16" if dtype is not None else "fp32"
     start = time.perf_counter()
     seen_at_start = st.seen
@@ -228,4 +231,4 @@ def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: Train
     seconds = time.perf_counter() - start
     return FitResult(history=st.history, best_epoch=st.best_epoch, best_value=st.best_value, monitor=monitor,
                      seconds=seconds, samples_per_s=(st.seen - seen_at_start) / seconds if seconds else 0.0,
-                     stopped_early=stop, precision=st.precision)
+                     stopped_early=stop, precision=st.precision, precision_choice=choice.record())

@@ -2,14 +2,20 @@
 
 On a GPU that supports bf16 the answer is bf16. On a CPU it depends on the chip and the shapes: with
 AVX512-BF16 or AMX, bf16 matmuls run 2-3x faster than fp32; without them torch emulates bf16 and is
-10-300x slower. So "auto" times the model's own largest matmul in both precisions (forward and the two
-backward products, casts included, as autocast does them) and keeps bf16 only when it wins.
+10-300x slower, so such a CPU always gets fp32. Where the CPU has native bf16, "auto" measures: a
+training loop hands `choose_precision` its real step (the model, adapters and loss it will train, on a
+slice of its first batch) and bf16 is kept only when that step runs faster in it; without a step (the
+classifier loop, evaluation) the model's own largest matmul is timed in both precisions (forward and the
+two backward products, casts included, as autocast does them). The choice and its measurement are
+recorded in the run's `runtime`.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -48,29 +54,91 @@ def bf16_speedup(tokens: int, d_out: int, d_in: int) -> float:
     return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
 
 
+def step_speedup(step: Callable[[torch.dtype | None], None], repeats: int = 2) -> dict:
+    """Time a real training step (forward + backward; `step(None)` in fp32, `step(torch.bfloat16)` under
+    autocast), interleaved after one warm-up each; returns the best seconds of each and their ratio."""
+    best = {None: float("inf"), torch.bfloat16: float("inf")}
+    for dtype in best:
+        step(dtype)   # warm-up: kernel selection, first-touch allocations
+    for _ in range(repeats):
+        for dtype in best:
+            t0 = time.perf_counter()
+            step(dtype)
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return {"fp32_s": round(best[None], 4), "bf16_s": round(best[torch.bfloat16], 4),
+            "speedup": round(best[None] / max(best[torch.bfloat16], 1e-9), 3)}
+
+
+@dataclass
+class PrecisionChoice:
+    """What autocast runs in (None = fp32), why, and the measurement that decided it (if any)."""
+
+    dtype: torch.dtype | None
+    reason: str
+    measured: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.dtype is not None else "fp32"
+
+    def record(self) -> dict:
+        return {"precision": self.name, "reason": self.reason, "measured": self.measured}
+
+
+def choose_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None,
+                     tokens: int = 512, step: Callable[[torch.dtype | None], None] | None = None) -> PrecisionChoice:
+    """The precision for `precision` (auto | bf16 | fp32) on `device`. `tokens`: rows per matmul in a typical
+    batch (for the matmul probe); `step`: the training step to time instead (see step_speedup)."""
+    if precision == "fp32":
+        return PrecisionChoice(None, "train.precision: fp32")
+    if precision == "bf16":
+        return PrecisionChoice(torch.bfloat16, "train.precision: bf16")
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return PrecisionChoice(torch.bfloat16 if ok else None, "GPU " + ("supports" if ok else "lacks") + " bf16")
+    if device.type != "cpu" or not cpu_has_bf16():
+        return PrecisionChoice(None, "no native bf16 on this CPU (neither AVX512-BF16 nor AMX): bf16 is emulated")
+    if model is None:
+        return PrecisionChoice(torch.bfloat16, "CPU has native bf16")
+    if sum(p.numel() for p in model.parameters()) < BF16_MIN_PARAMS:
+        return PrecisionChoice(None, f"model under {BF16_MIN_PARAMS:,} parameters: casts cost more than bf16 saves")
+    if step is not None:
+        measured = {"probe": "training step", **step_speedup(step)}
+    else:
+        shape = _largest_linear(model)
+        if shape is None:  # convolutions only: autocast gains little on CPU and the probe would not show it
+            return PrecisionChoice(None, "no linear layers to run in bf16")
+        # Bounded probe (~0.1 s): rows rounded to a power of two so nearby batch sizes share one cached
+        # result, and at most 4096 output units (a 49k-row LM head would take seconds; speed-ups match).
+        tokens = max(16, min(512, 1 << max(tokens - 1, 1).bit_length()))
+        d_out, d_in = shape
+        measured = {"probe": f"matmul {tokens}x{d_in} @ {d_in}x{min(d_out, 4096)}",
+                    "speedup": round(bf16_speedup(tokens, min(d_out, 4096), d_in), 3)}
+    won = measured["speedup"] >= MIN_SPEEDUP
+    return PrecisionChoice(torch.bfloat16 if won else None,
+                           f"measured: bf16 {measured['speedup']:.2f}x fp32 ({'>=' if won else '<'} {MIN_SPEEDUP})",
+                           measured)
+
+
+def choose_for_training(precision: str, device: torch.device, model: torch.nn.Module,
+                        loss: Callable[[], torch.Tensor]) -> PrecisionChoice:
+    """choose_precision timing the training step itself: `loss()` is the loop's forward on a slice of its
+    first batch. The random state is restored after every timed step (dropout draws do not shift the run)
+    and the gradients are cleared, so the run trains as if nothing had been measured."""
+    def step(dtype: torch.dtype | None) -> None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with autocast(device, dtype):
+                value = loss()
+            value.backward()
+        model.zero_grad(set_to_none=True)
+
+    return choose_precision(precision, device, model, step=step)
+
+
 def autocast_dtype(precision: str, device: torch.device, model: torch.nn.Module | None = None,
                    tokens: int = 512) -> torch.dtype | None:
-    """torch.bfloat16 to run under autocast, or None for fp32. `tokens`: rows per matmul in a typical batch."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type != "cpu" or not cpu_has_bf16():
-        return None
-    if model is None:
-        return torch.bfloat16
-    if sum(p.numel() for p in model.parameters()) < BF16_MIN_PARAMS:
-        return None
-    shape = _largest_linear(model)
-    if shape is None:  # convolutions only: autocast gains little on CPU and the probe would not show it
-        return None
-    # Bounded probe (~0.1 s): rows rounded to a power of two so nearby batch sizes share one cached
-    # result, and at most 4096 output units (a 49k-row LM head would take seconds; speed-ups match).
-    tokens = max(16, min(512, 1 << max(tokens - 1, 1).bit_length()))
-    d_out, d_in = shape
-    return torch.bfloat16 if bf16_speedup(tokens, min(d_out, 4096), d_in) >= MIN_SPEEDUP else None
+    """torch.bfloat16 to run under autocast, or None for fp32 (choose_precision without its record)."""
+    return choose_precision(precision, device, model, tokens).dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
