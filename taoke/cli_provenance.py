@@ -1,4 +1,5 @@
-"""CLI commands for disclose-and-verify: verify, diff, normalize, lineage. `register(app)` adds them."""
+"""CLI commands for disclose-and-verify: verify, diff, normalize, lineage, sign, verify-signature.
+`register(app)` adds them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from taoke.provenance.diff import diff
 from taoke.provenance.normalize import normalize
+from taoke.provenance.signature import sign_run, verify_run_signature
 from taoke.provenance.tree import lineage_report
 from taoke.provenance.verify import summary_lines, verify_references, weights_of
 from taoke.run import check_output
@@ -73,11 +75,12 @@ def register(app: typer.Typer) -> None:
     def lineage_cmd(directory: Path = typer.Argument(..., help="folder to scan for models"),
                     out: Optional[Path] = typer.Option(None, "--out", help="write JSON, mermaid and PNG here"),
                     force: bool = typer.Option(False, "--force", help="overwrite the lineage_tree.* files in --out"),
+                    key: Optional[Path] = typer.Option(None, "--key", help="public key (PEM): verify signed nodes"),
                     as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-        """Scan a folder, verify claimed and unclaimed relations, and draw the family tree."""
+        """Scan a folder, verify claimed and unclaimed relations, and draw the family tree (signed nodes marked)."""
         for suffix in (".json", ".mmd", ".png") if out is not None else ():
             check_output(out / f"lineage_tree{suffix}", force)
-        tree = lineage_report(directory, out)
+        tree = lineage_report(directory, out, public_key=key)
         if as_json:
             _print_json(tree)
             return
@@ -86,3 +89,22 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"! {f}" if tree["flags"] else f)
         if out is not None:
             typer.echo(f"wrote {out}/lineage_tree.json, .mmd, .png")
+
+    @app.command("sign")
+    def sign_cmd(run: Path = typer.Argument(..., help="complete run or export directory"),
+                 key: Path = typer.Option(..., "--key", help="EC private key (PEM; openssl ecparam -name prime256v1 "
+                                          "-genkey -noout -out key.pem)")) -> None:
+        """Sign a run's record (weights, lineage.json, card, recipe, report) with model-signing; writes model.sig."""
+        res = sign_run(run, key)
+        typer.echo(f"signed {res['files']} files of {res['run']}: {res['signature']}")
+
+    @app.command("verify-signature")
+    def verify_signature_cmd(run: Path = typer.Argument(..., help="signed run or export directory"),
+                             key: Path = typer.Option(..., "--key", help="the signer's EC public key (PEM)"),
+                             as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+        """Check a run's signature and that no signed file changed (exit 2 if either fails)."""
+        res = verify_run_signature(run, key)
+        if as_json:
+            _print_json(res)
+            return
+        typer.echo(f"verified: {res['files']} files of {res['run']} are as signed")

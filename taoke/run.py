@@ -43,8 +43,10 @@ LINEAGE = "lineage.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
 LOCK = ".lock"
+SIGNATURE = "model.sig"   # written by `taoke sign` (provenance/signature.py)
 # What a run directory holds: outputs of other commands may never replace these.
-RUN_FILES = {"recipe.yaml", STATUS, METRICS, "splits.json", "report.md", LINEAGE, "model", "checkpoints", "plots", LOCK}
+RUN_FILES = {"recipe.yaml", STATUS, METRICS, "splits.json", "report.md", LINEAGE, "model", "checkpoints", "plots", LOCK,
+             SIGNATURE}
 LIVE_STATES = ("starting", "running")
 
 

@@ -6,6 +6,8 @@ derived is flagged as an undisclosed shell, and a claim the weights contradict i
 Claims that loop (a model claiming itself, or a and b claiming each other) are flagged as cycles, never
 confirmed: shared weights say two models are related, not which came first. A claim is followed to a model
 in the scanned folder or to a library model (built-in, registered, pkg:, hf:), never to a path elsewhere.
+Each node says whether its record is signed (provenance/signature.py): `unsigned`, `signed`, or with the
+signer's public key `verified` / `failed` (a failed one is flagged).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import matplotlib
 
-from taoke.errors import TaokeError
+from taoke.errors import ModelError, TaokeError
 from taoke.library import card_metadata, is_library_reference
+from taoke.provenance.signature import signature_state, verify_run_signature
 from taoke.run import Run
 from taoke.provenance.verify import verify
 from taoke.files import atomic_path, write_json_atomic, write_text_atomic
@@ -82,7 +85,20 @@ def _match_claim(claim: str, models: dict[str, Path], root: Path) -> str | None:
     return None
 
 
-def build_tree(root: str | Path) -> dict:
+def _signature(path: Path, public_key: Path | None, flags: list[str], label: str) -> str:
+    if not path.is_dir() or signature_state(path) == "unsigned":
+        return "unsigned"
+    if public_key is None:
+        return "signed"
+    try:
+        verify_run_signature(path, public_key)
+        return "verified"
+    except ModelError as e:
+        flags.append(f"{label}: signature does not verify with {public_key}: {str(e)[:200]}")
+        return "failed"
+
+
+def build_tree(root: str | Path, public_key: str | Path | None = None) -> dict:
     root = Path(root)
     if not root.is_dir():
         raise TaokeError(f"{root}: not a directory")
@@ -105,10 +121,11 @@ def build_tree(root: str | Path) -> dict:
             if t is not None:
                 targets.append((c, t))
         claims[label] = targets
-        nodes.append({"id": label, "path": str(p), "claims": cl})
+        nodes.append({"id": label, "path": str(p), "claims": cl,
+                      "signature": _signature(p, Path(public_key) if public_key else None, flags, label)})
     externals = {t for ts in claims.values() for _, t in ts if t not in models}
     for e in sorted(externals):
-        nodes.append({"id": e, "path": None, "claims": [], "external": True})
+        nodes.append({"id": e, "path": None, "claims": [], "external": True, "signature": None})
     refs = {**{k: str(v) for k, v in models.items()}, **{e: e for e in externals}}
     tested: set[frozenset] = set()
     looped = claim_cycles({child: [parent for _, parent in ts] for child, ts in claims.items()})
@@ -174,7 +191,8 @@ def mermaid(tree: dict) -> str:
     ids = {n["id"]: f"m{i}" for i, n in enumerate(tree["nodes"])}
     lines = ["graph TD"]
     for n in tree["nodes"]:
-        lines.append(f'  {ids[n["id"]]}["{n["id"]}"]')
+        mark = f" ({n['signature']})" if n.get("signature") else ""
+        lines.append(f'  {ids[n["id"]]}["{n["id"]}{mark}"]')
     for e in tree["edges"]:
         arrow = {"confirmed": "-->", "undisclosed": "-.->", "contradicted": "--x", "cycle": "-.-x"}.get(e["status"], "-->")
         p = f" p={e['p_value']:.2g}" if e["p_value"] is not None else ""
@@ -204,8 +222,14 @@ def draw(tree: dict, path: Path) -> Path:
                     arrowprops=dict(arrowstyle="->", color=colors.get(e["status"], "gray"),
                                     linestyle="--" if e["status"] != "confirmed" else "-"))
         ax.text((x0 + x1) / 2, (y0 + y1) / 2, e["status"], fontsize=7, color=colors.get(e["status"], "gray"))
+    signature = {n["id"]: n.get("signature") for n in tree["nodes"]}
+    frame = {"verified": ("tab:green", "-"), "signed": ("tab:blue", "-"), "failed": ("tab:red", "-"),
+             "unsigned": ("gray", "--")}
     for i, (x, y) in pos.items():
-        ax.text(x, y, i, ha="center", va="center", fontsize=8, bbox=dict(boxstyle="round", fc="white", ec="black"))
+        ec, ls = frame.get(signature.get(i), ("black", "-"))
+        label = i + (f"\n[{signature[i]}]" if signature.get(i) else "")
+        ax.text(x, y, label, ha="center", va="center", fontsize=8,
+                bbox=dict(boxstyle="round", fc="white", ec=ec, ls=ls, lw=1.5))
     ax.set_xlim(min(p[0] for p in pos.values()) - 1, max(p[0] for p in pos.values()) + 1)
     ax.set_ylim(min(p[1] for p in pos.values()) - 0.6, 0.6)
     ax.axis("off")
@@ -216,8 +240,8 @@ def draw(tree: dict, path: Path) -> Path:
     return path
 
 
-def lineage_report(root, out: Path | None = None) -> dict:
-    tree = build_tree(root)
+def lineage_report(root, out: Path | None = None, public_key: str | Path | None = None) -> dict:
+    tree = build_tree(root, public_key)
     tree["mermaid"] = mermaid(tree)
     if out is not None:
         out = Path(out)
