@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taoke.provenance.normalize import LLAMA_NAMES, llama_config, llama_state_dict
+from taoke.provenance.normalize import LLAMA_NAMES
 from taoke.files import atomic_path, write_json_atomic
 
 DIALOGS = Path(__file__).resolve().parents[1] / "data" / "chatterbot" / "dialogs.jsonl"
@@ -41,25 +41,27 @@ def _load_hf(d: Path) -> tuple[dict, dict]:
 
 
 def smollm2_hf(root: Path) -> Path:
-    """SmolLM2-135M dequantised from the shipped GGUF into a plain HF LlamaForCausalLM directory."""
+    """SmolLM2-135M dequantised from the shipped GGUF by transformers' own GGUF loader, saved as a plain HF
+    LlamaForCausalLM directory by save_pretrained (transformers 5's config format: rope_parameters)."""
     d = Path(root) / "smollm2-hf"
     if (d / "model.safetensors").exists():
         return d
-    from transformers import AutoTokenizer
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from taoke.formats import open_weights
-    from taoke.provenance.canonical import canonical_view
     from taoke.library import resolve
 
     base = resolve("smollm2-135m")
-    reader = open_weights(base)
-    view = canonical_view(reader)
-    cfg = llama_config(reader, view)
-    sd = llama_state_dict(reader, view)
-    tok = AutoTokenizer.from_pretrained(str(base.path.parent), gguf_file=base.path.name)
-    d.mkdir(parents=True, exist_ok=True)
-    tok.save_pretrained(str(d))
-    return _save_hf(d, sd, cfg)
+    folder, name = base.path.parent, base.path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # a GGUF-loaded model is marked quantised and refuses save_pretrained: rebuild it plain from its config
+    config = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
+    config.pop("quantization_config", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(d, max_shard_size="4GB")
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(str(d))
+    return d
 
 
 def _variant(root: Path, name: str, base: Path, edit) -> Path:

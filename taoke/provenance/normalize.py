@@ -1,8 +1,12 @@
 """`normalize SRC DST`: rewrite a (renamed) checkpoint under its family's canonical HF names and config.
 
-Supported family: llama (what the renamed-LLaMA case needs; GGUF LLaMA files normalise too). The output is
-checked by loading it with plain transformers and comparing logits on a probe with the source tensors placed
-in the canonical model in memory, i.e. the check covers file writing, naming and config.
+Supported family: llama (what the renamed-LLaMA case needs; GGUF LLaMA files normalise too). The written
+config keeps every field the source config states (rope_parameters / rope_theta / rope_scaling, norm eps,
+activation, biases, token ids, ...) and takes only names and sizes from the tensors. The output is checked
+against the source's own function: the reference model is built from the source config as transformers reads
+it (its declared architecture when transformers knows it, every field read as a LlamaConfig when the name is
+disguised; a GGUF file through transformers' GGUF config reader), with the source tensors placed by the
+canonical view; the written directory, loaded by plain transformers, must give the same logits.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from taoke.errors import ModelError
 from taoke.files import atomic_dir, write_json_atomic
@@ -46,8 +50,15 @@ def _cfg_int(cfg: dict, *keys):
     return None
 
 
+# what only the tensors can say (sizes) or what names the architecture: never copied from the source config
+_STRUCTURAL = {"architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
+               "attention_bias", "mlp_bias", "auto_map", "quantization_config", "_name_or_path", "transformers_version"}
+
+
 def llama_config(reader: WeightReader, view: CanonicalView) -> dict:
-    """A LlamaConfig dict from the source config where it says so, else from tensor shapes."""
+    """A LlamaConfig dict: every field the source config states (rope, eps, activation, token ids, ...), with the
+    architecture's names and the sizes taken from the tensors."""
     if view.family != "llama":
         raise ModelError(f"normalize supports the llama family; this checkpoint looks like '{view.family}'")
     cfg = reader.config or {}
@@ -56,22 +67,39 @@ def llama_config(reader: WeightReader, view: CanonicalView) -> dict:
     n_heads = _cfg_int(cfg, "num_attention_heads", "n_head", "num_heads", "n_heads") or max(1, hidden // 64)
     head_dim = _cfg_int(cfg, "head_dim") or layer0["attn_q"].shape[0] // n_heads
     n_kv = layer0["attn_k"].shape[0] // head_dim
-    out = {
+    structural = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": hidden, "intermediate_size": layer0["ffn_gate"].shape[0],
         "num_hidden_layers": len(view.layers), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
         "head_dim": head_dim, "vocab_size": view.globals["embed"].shape[0],
-        "rms_norm_eps": float(cfg.get("rms_norm_eps", cfg.get("layer_norm_epsilon", 1e-5))),
-        "rope_theta": float(cfg.get("rope_theta", 10000.0)),
-        "max_position_embeddings": _cfg_int(cfg, "max_position_embeddings", "n_positions") or 2048,
         "tie_word_embeddings": "head" not in view.globals,
-        "hidden_act": cfg.get("hidden_act", "silu"),
-        "attention_bias": False, "mlp_bias": False,
+        "attention_bias": "attn_q_bias" in layer0, "mlp_bias": "ffn_up_bias" in layer0,
     }
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if cfg.get(k) is not None:
-            out[k] = cfg[k]
-    return out
+    stated = {k: v for k, v in cfg.items() if k not in _STRUCTURAL}
+    if "rms_norm_eps" not in stated and "layer_norm_epsilon" in stated:   # GPT-style spelling of the norm eps
+        stated["rms_norm_eps"] = stated["layer_norm_epsilon"]
+    if "max_position_embeddings" not in stated and _cfg_int(cfg, "n_positions"):
+        stated["max_position_embeddings"] = cfg["n_positions"]
+    out = {**stated, **structural}
+    # transformers reads the config as LlamaConfig does (rope_theta folded into rope_parameters, defaults filled)
+    return {k: v for k, v in LlamaConfig(**out).to_dict().items() if k not in ("transformers_version",)}
+
+
+def source_config(reader: WeightReader, view: CanonicalView) -> LlamaConfig:
+    """The source's own configuration as transformers reads it, for the reference model: a GGUF file through
+    transformers' GGUF reader, a directory under its declared architecture when transformers knows it, else its
+    config.json read whole as a LlamaConfig (a disguised architecture name). Sizes come from the tensors."""
+    path = Path(reader.path)
+    structural = {k: v for k, v in llama_config(reader, view).items() if k in _STRUCTURAL}
+    stated: dict = dict(reader.config or {})
+    try:
+        if path.suffix == ".gguf":
+            stated = AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+        elif (path if path.is_dir() else path.parent).joinpath("config.json").is_file():
+            stated = AutoConfig.from_pretrained(path if path.is_dir() else path.parent).to_dict()
+    except (ValueError, KeyError, OSError):   # an architecture name transformers does not know: read it as LLaMA
+        pass
+    return LlamaConfig(**{**{k: v for k, v in stated.items() if k not in _STRUCTURAL}, **structural})
 
 
 def llama_state_dict(reader: WeightReader, view: CanonicalView) -> dict[str, np.ndarray]:
@@ -90,14 +118,17 @@ def _probe_ids(vocab: int, n: int = 24) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(1, n)))
 
 
-def reference_logits(cfg: dict, sd: dict) -> torch.Tensor:
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+def reference_logits(config: LlamaConfig, sd: dict) -> torch.Tensor:
+    """Logits of the source tensors in a LLaMA built from `config` (the source's own, see source_config)."""
+    model = LlamaForCausalLM(config).eval()
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
-    missing = [m for m in missing if not (m == "lm_head.weight" and cfg["tie_word_embeddings"])]
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ModelError(f"state dict does not fit the llama model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
     with torch.no_grad():
-        return model(_probe_ids(cfg["vocab_size"])).logits
+        return model(_probe_ids(config.vocab_size)).logits
 
 
 def normalize(src, dst: str | Path) -> dict:
@@ -111,6 +142,7 @@ def normalize(src, dst: str | Path) -> dict:
     reader = open_weights(src)
     view = canonical_view(reader)
     cfg = llama_config(reader, view)
+    reference = source_config(reader, view)
     sd = llama_state_dict(reader, view)
     renamed = {slot.name: LLAMA_NAMES[slot.role].format(i=slot.layer) for slot in view.slots()}
     src_dir = reader.path if reader.path.is_dir() else reader.path.parent
@@ -122,7 +154,7 @@ def normalize(src, dst: str | Path) -> dict:
         for name in _TOKENIZER_FILES:
             if (src_dir / name).exists():
                 shutil.copyfile(src_dir / name, tmp / name)
-        expected = reference_logits(cfg, sd)
+        expected = reference_logits(reference, sd)
         del sd
         model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         with torch.no_grad():
