@@ -265,7 +265,7 @@ def to_gguf(root: Path, src: Path, name: str, qtype: str = "Q4_0") -> Path:
     w.add_head_count(cfg["num_attention_heads"])
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])  # transformers 5 nests it
     tok_file = src / "tokenizer.json"
     if tok_file.exists():
         vocab = json.loads(tok_file.read_text())["model"]["vocab"]
