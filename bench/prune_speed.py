@@ -3,8 +3,8 @@ fine-tuned) vs the unpruned derived model it was cut from: PyTorch fp32 CPU late
 
     .venv/bin/python bench/prune_speed.py [--run RUN] [--pruned RUN] [--repeats 5] [--threads 2] [--heal-epochs 8]
 
-Without --run it derives text-topics into runs/bench-topics; without --pruned it derives
-runs/bench-topics-pruned from that run with `edits: [{prune: {mlp: 0.3, heads: 0.25, by: activation}}]`. Both
+Without --run it derives text-topics into runs/bench-topics; a --pruned path that is not a run yet (default
+runs/bench-topics-pruned) is derived there from that run with `edits: [{prune: {mlp: 0.3, heads: 0.25, by: activation}}]`. Both
 models score the same rows in the two shapes of bench/export_speed.py (the test split as is, and each text
 repeated to 128 tokens): batch-1 p50/p95, batch-32 rows/s, interleaved rounds, medians with min-max.
 Goal (issue 13): >= 1.3x faster at <= 2 points macro-F1 below the unpruned derived model.
@@ -32,13 +32,18 @@ def ensure(run: Path | None, pruned: Path | None, heal_epochs: int) -> tuple[Pat
         run = ROOT / "runs" / "bench-topics"
         if not taoke.Run.is_run(run):
             taoke.derive(ROOT / "recipes" / "text-topics.yaml", out=run, quiet=True)
-    if pruned is None:
-        pruned = run.parent / f"{run.name}-pruned"
-        if not taoke.Run.is_run(pruned):
-            taoke.derive(ROOT / "recipes" / "text-topics.yaml", out=pruned, quiet=True, overrides=[
-                f"base={run}", "name=topics-pruned", f"train.epochs={heal_epochs}", "train.early_stopping=null",
-                "edits=[{prune: {mlp: 0.3, heads: 0.25, by: activation}}]"])
+    pruned = pruned or run.parent / f"{run.name}-pruned"
+    if not taoke.Run.is_run(pruned):   # derived here when missing (a new path compares another heal length)
+        taoke.derive(ROOT / "recipes" / "text-topics.yaml", out=pruned, quiet=True, overrides=[
+            f"base={run}", "name=topics-pruned", f"train.epochs={heal_epochs}", "train.early_stopping=null",
+            "edits=[{prune: {mlp: 0.3, heads: 0.25, by: activation}}]"])
     return run, pruned
+
+
+def taoke_epochs(run: Path) -> float:
+    import taoke
+
+    return taoke.load_recipe(run / "recipe.yaml").train.epochs
 
 
 def main() -> None:
@@ -63,7 +68,8 @@ def main() -> None:
                 results[(m, s)].append(measure(p, encoded))
     params = {m: sum(x.numel() for x in p.model.parameters()) for m, p in models.items()}
     lines = [f"## prune_speed — {datetime.now().isoformat(timespec='minutes')}", "",
-             f"{run.name} vs {pruned.name} (mlp 0.3, heads 0.25, by activation, then fine-tuned), PyTorch fp32 eager. "
+             f"{run.name} vs {pruned.name} (mlp 0.3, heads 0.25, by activation, then fine-tuned "
+             f"{taoke_epochs(pruned)} epochs), PyTorch fp32 eager. "
              f"{machine()}. {args.repeats} interleaved rounds; medians, spread min-max.", "",
              "| shape | model | parameters | batch-1 p50 ms | batch-1 p95 ms | batch-32 rows/s | speed-up | test macro-F1 |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]

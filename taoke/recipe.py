@@ -235,7 +235,9 @@ class AdaptConfig(Strict):
                                      "(default: half)", ge=0)
     r: int = field(8, "lora/dora: adapter rank", gt=0)
     alpha: float = field(16.0, "lora/dora: scaling numerator (scale = alpha / r)")
-    dropout: float = field(0.05, "lora/dora: dropout on the adapter's input", ge=0.0, lt=1.0)
+    # 0 as in PEFT and LLaMA-Factory: drawing a dropout mask over every adapted layer's input costs more than the
+    # adapter's own matmuls on a CPU (bench/RESULTS.md, sft_vs_hf with --dropout 0.05 vs 0)
+    dropout: float = field(0.0, "lora/dora: dropout on the adapter's input (PEFT's lora_dropout)", ge=0.0, lt=1.0)
     target_modules: list[str] | str | None = field(
         None, "lora/dora: module names to adapt, or all-linear (default: attention query/value for classifiers, "
               "every attention and MLP projection for causal LMs)")

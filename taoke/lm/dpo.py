@@ -80,9 +80,8 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
     groups = [train_pairs[i:i + n] for i in range(0, len(train_pairs), n)]
     model.train()
     resumed = checkpoint_position(checkpoint_dir) if resume and has_checkpoint(checkpoint_dir) else None
-    if resumed is not None:   # the numerics the run had before it stopped, not a new measurement
-        choice = PrecisionChoice(torch.bfloat16 if resumed["precision"] == "bf16" else None,
-                                 "kept from before the run was resumed", resumed.get("precision_measured"))
+    if resumed is not None:
+        choice = PrecisionChoice.restored(resumed)
     else:
         probe = _pair_batch(groups[0][:1], pad_id, device)   # one pair: the precision probe times its real step
         with FastLoraForward(model):   # the policy's step as it will run

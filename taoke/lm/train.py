@@ -99,9 +99,8 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
     unshuffled = make_batches(train_rows, lm.seq_len, train.batch_size, pad_id, lm.packing, seed=None)
     model.train()
     resumed = checkpoint_position(checkpoint_dir) if resume and has_checkpoint(checkpoint_dir) else None
-    if resumed is not None:   # the numerics the run had before it stopped, not a new measurement
-        choice = PrecisionChoice(torch.bfloat16 if resumed["precision"] == "bf16" else None,
-                                 "kept from before the run was resumed", resumed.get("precision_measured"))
+    if resumed is not None:
+        choice = PrecisionChoice.restored(resumed)
     else:
         # the precision probe times the real step on one row of the first batch, cut to 256 tokens (~1 s a step)
         probe_rows = _to({k: v[:1, :256] for k, v in unshuffled[0].items() if isinstance(v, torch.Tensor)}, device)

@@ -84,6 +84,13 @@ class PrecisionChoice:
     def record(self) -> dict:
         return {"precision": self.name, "reason": self.reason, "measured": self.measured}
 
+    @classmethod
+    def restored(cls, loop: dict) -> "PrecisionChoice":
+        """What a resumed run keeps: the numerics it had before it stopped (its checkpoint's loop state), not a
+        new measurement."""
+        return cls(torch.bfloat16 if loop.get("precision") == "bf16" else None, "kept from before the run was resumed",
+                   loop.get("precision_measured"))
+
 
 def choose_precision(precision: str, device: torch.device, model: torch.nn.Module | None = None,
                      tokens: int = 512, step: Callable[[torch.dtype | None], None] | None = None) -> PrecisionChoice:

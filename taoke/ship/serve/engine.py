@@ -1,9 +1,10 @@
 """taoke's serving engine for causal LMs: continuous (iteration-level) batching over a KV cache.
 
 One thread owns the model. Each iteration it drops requests that were cancelled (client gone) or ran past
-their deadline, admits waiting requests into free cache rows (their prompts packed into one forward pass
-of at most `prefill_budget` tokens, each prompt attending only to itself, so running requests keep
-decoding between chunks), then runs one decoding step for every running request in a single forward pass. A request leaves as soon as it ends, and its row is free for the next one: requests
+their deadline, admits waiting requests into free cache rows (up to `prefill_budget` prompt tokens per
+iteration: short prompts packed into one forward pass, each attending only to itself; a long prompt in a
+pass of its own, since a dense mask over a long packed row costs more attention than packing saves), then
+runs one decoding step for every running request in a single forward pass. A request leaves as soon as it ends, and its row is free for the next one: requests
 join and leave between steps, never waiting for a whole batch to finish (Orca's iteration-level
 scheduling). Each request's tokens depend only on its own prompt and parameters: rows are masked from
 each other, positions are per row, and sampling draws from a per-request generator.
@@ -112,7 +113,7 @@ def supports_slot_cache(config) -> str | None:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 64, max_model_len: int = 4096,
-                 prefill_budget: int = 512, metrics=None):
+                 prefill_budget: int = 2048, pack_tokens: int = 512, metrics=None):
         why = supports_slot_cache(model.config)
         if why:
             raise ModelError(f"taoke's engine batches full-attention decoders; this model has {why}. "
@@ -122,7 +123,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_model_len = max_model_len
-        self.prefill_budget = prefill_budget
+        self.prefill_budget = prefill_budget   # prompt tokens prefilled per iteration (at least one prompt)
+        self.pack_tokens = pack_tokens         # prompts packed into one pass up to this many tokens
         self.metrics = metrics
         self.eos = self._eos_ids(model, tokenizer)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -227,8 +229,9 @@ class Engine:
                 self._leave(gen, error=None if gen.cancelled else "timeout")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows: one packed forward pass of up to `prefill_budget` prompt
-        tokens per iteration (at least one prompt), so running requests keep decoding in between."""
+        """Prefill waiting requests into free rows: up to `prefill_budget` prompt tokens per iteration (at least
+        one prompt), so running requests keep decoding in between; consecutive prompts share a forward pass up
+        to `pack_tokens` tokens."""
         batch, tokens = [], 0
         with self.cond:
             while self.waiting and len(self.running) + len(batch) < self.max_batch:
@@ -238,8 +241,14 @@ class Engine:
                 batch.append(self.waiting.popleft())
                 tokens += n
             self._report_queue()
-        if batch:
-            self._prefill(batch)
+        packs: list[list[Generation]] = []
+        for gen in batch:
+            if packs and sum(g.prompt_tokens for g in packs[-1]) + gen.prompt_tokens <= self.pack_tokens:
+                packs[-1].append(gen)
+            else:
+                packs.append([gen])
+        for pack in packs:
+            self._prefill(pack)
 
     def _prefill(self, batch: list[Generation]) -> None:
         """Run the prompts as one packed row (each attends only to itself, positions restart per prompt; a lone
