@@ -136,7 +136,8 @@ def choose_for_training(precision: str, device: torch.device, model: torch.nn.Mo
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             with autocast(device, dtype):
                 value = loss()
-            value.backward()
+            if value.requires_grad:   # a slice with no trainable path to its loss times the forward only
+                value.backward()
         model.zero_grad(set_to_none=True)
 
     return choose_precision(precision, device, model, step=step)
