@@ -157,6 +157,83 @@ def duplicated(root: Path, base: Path, repeat=range(20, 24)) -> Path:
     return _variant(root, "duplicated", base, edit)
 
 
+def _paley12() -> np.ndarray:
+    """The Hadamard matrix of order 12 (Paley's construction I, q = 11)."""
+    q = 11
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = np.array([0] + [1 if i in residues else -1 for i in range(1, q)])
+    jac = np.array([[chi[(j - i) % q] for j in range(q)] for i in range(q)])
+    s = np.zeros((q + 1, q + 1), dtype=np.int64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jac
+    return s + np.eye(q + 1, dtype=np.int64)
+
+
+def hadamard(n: int) -> np.ndarray:
+    """An orthonormal Hadamard matrix of order n = 2^a * 12^b (576 = 12 * 12 * 4), as QuaRot builds them."""
+    from scipy.linalg import hadamard as sylvester
+
+    h, m = np.ones((1, 1)), n
+    while m % 12 == 0 and m > 1:
+        h, m = np.kron(h, _paley12()), m // 12
+    if m & (m - 1):
+        raise ValueError(f"no Hadamard construction here for order {n} (needs 2^a * 12^b)")
+    h = np.kron(h, sylvester(m))
+    return (h / np.sqrt(n)).astype(np.float64)
+
+
+def random_orthogonal(n: int, seed: int) -> np.ndarray:
+    """Haar-random orthogonal matrix: QR of a Gaussian with the signs of R's diagonal fixed."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def rotated(root: Path, base: Path, kind: str = "random", seed: int = 0) -> Path:
+    """The residual stream rotated by an orthogonal Q (SliceGPT/QuaRot style), same function.
+
+    RMSNorm commutes with an orthogonal map once its gain is folded into the matrices that read it, so: every norm
+    gain goes into the q/k/v (gate/up, head) columns and becomes 1; reads W -> W diag(g) Q, writes W -> Q^T W, the
+    embedding E -> E Q, the head (untied now) -> E diag(g_final) Q.
+    """
+    def edit(sd, cfg):
+        h = cfg["hidden_size"]
+        return rotate(sd, cfg, hadamard(h) if kind == "hadamard" else random_orthogonal(h, seed))
+    return _variant(root, f"rotated-{kind}-s{seed}", base, edit)
+
+
+def sliced(root: Path, base: Path, keep: float = 0.9) -> Path:
+    """SliceGPT-style width pruning: rotate onto the embedding's principal axes, then drop the weakest residual
+    dims (hidden_size shrinks; attention and MLP widths stay). The function changes, as SliceGPT's does."""
+    def edit(sd, cfg):
+        emb = sd["model.embed_tokens.weight"].astype(np.float64)
+        vals, vecs = np.linalg.eigh(emb.T @ emb)
+        q = vecs[:, np.argsort(vals)[::-1][:int(round(cfg["hidden_size"] * keep))]]
+        return rotate(sd, cfg, q)
+    return _variant(root, f"sliced-{keep}", base, edit)
+
+
+def rotate(sd: dict, cfg: dict, q: np.ndarray) -> tuple[dict, dict]:
+    """Fold every norm gain into the matrices that read it, then map the residual stream through q (hidden x k,
+    orthonormal columns; k = hidden keeps the function exactly)."""
+    h = q.shape[1]
+    out = dict(sd)
+    emb = sd["model.embed_tokens.weight"].astype(np.float64)
+    head = sd.get("lm_head.weight", emb).astype(np.float64)
+    out["model.embed_tokens.weight"] = emb @ q
+    out["lm_head.weight"] = (head * sd["model.norm.weight"]) @ q
+    out["model.norm.weight"] = np.ones(h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for norm, reads in (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))):
+            g = sd[p + norm + ".weight"].astype(np.float64)
+            for r in reads:
+                out[p + r + ".weight"] = (sd[p + r + ".weight"] * g) @ q
+            out[p + norm + ".weight"] = np.ones(h)
+        for w in ("self_attn.o_proj", "mlp.down_proj"):
+            out[p + w + ".weight"] = q.T @ sd[p + w + ".weight"]
+    return out, {**cfg, "hidden_size": h, "tie_word_embeddings": False}
+
+
 def vocab_expanded(root: Path, base: Path, n_new: int = 512) -> Path:
     d = Path(root) / "vocab-expanded"
     if (d / "model.safetensors").exists():
@@ -173,6 +250,16 @@ def vocab_expanded(root: Path, base: Path, n_new: int = 512) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(d))
     return _save_hf(d, sd, {**cfg, "vocab_size": int(sd["model.embed_tokens.weight"].shape[0])})
+
+
+def merged(root: Path, parents: list[Path], weights: list[float]) -> Path:
+    """mergekit's `linear` merge by hand: every tensor is sum_i w_i * parent_i."""
+    d = Path(root) / ("merged-" + "-".join(f"{p.name}x{w:g}" for p, w in zip(parents, weights)))
+    if (d / "model.safetensors").exists():
+        return d
+    sds = [_load_hf(p)[0] for p in parents]
+    out = {k: sum(w * sd[k] for w, sd in zip(weights, sds)) for k in sds[0]}
+    return _save_hf(d, out, _load_hf(parents[0])[1], tokenizer_from=parents[0])
 
 
 def _load_model(d: Path):

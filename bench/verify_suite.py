@@ -66,6 +66,7 @@ def build(work: Path, ft_steps: int) -> list[tuple[str, str, str, str]]:
     perm = suite.permuted(work, base)
     scratch0 = suite.scratch_llama(work, base, seed=0, steps=ft_steps)
     scratch1 = suite.scratch_llama(work, base, seed=1, steps=ft_steps)
+    rot_ft = suite.rotated(work / "ft", ft, "random", seed=3)
     pairs = [
         ("GGUF Q4_1 -> safetensors", g, base, "derived"),
         ("renamed (ln1/ln2, wq.., new arch name)", g, suite.renamed(work, base), "derived"),
@@ -80,6 +81,16 @@ def build(work: Path, ft_steps: int) -> list[tuple[str, str, str, str]]:
         ("4-bit GGUF Q4_0 requantised", g, suite.to_gguf(work, base, "smollm2-q4_0"), "derived"),
         ("fine-tuned -> 4-bit GGUF", g, suite.to_gguf(work, ft, f"ft{ft_steps}-q4_0"), "derived"),
         ("permuted -> renamed", g, suite.renamed(work / "perm", perm), "derived"),
+        ("residual stream rotated (random Q, gains folded)", g, suite.rotated(work, base, "random"), "derived"),
+        ("residual stream rotated (Hadamard Q, gains folded)", g, suite.rotated(work, base, "hadamard"), "derived"),
+        ("residual sliced to 90% of dims (SliceGPT-style)", g, suite.sliced(work, base, keep=0.9), "derived"),
+        ("fine-tuned -> rotated -> renamed", g, suite.renamed(work / "ft-rot", rot_ft), "derived"),
+        ("fine-tuned -> rotated -> layers pruned -> 4-bit GGUF", g,
+         suite.to_gguf(work, suite.pruned(work / "ft-rot", rot_ft), "ft-rot-pruned-q4_0"), "derived"),
+        ("merge 0.5/0.5 of fine-tuned and LoRA-merged", g, suite.merged(work, [ft, suite.lora_merged(work, base)],
+                                                                         [0.5, 0.5]), "derived"),
+        ("scratch seed 1, rotated, vs scratch seed 0", scratch0, suite.rotated(work / "s1", scratch1, "random"),
+         "independent"),
         ("fine-tuned vs permuted (siblings)", ft, perm, "derived"),
         ("minilm -> torch .bin", "minilm-l6", suite.to_torch_bin(work, "minilm-l6", "minilm-bin"), "derived"),
         ("minilm pruned layers 2-3", "minilm-l6", suite.bert_pruned(work), "derived"),

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from taoke.provenance.diff import diff
+from taoke.provenance.merge import merge_lines, merge_report
 from taoke.provenance.normalize import normalize
 from taoke.provenance.signature import sign_run, verify_run_signature
 from taoke.provenance.tree import lineage_report
@@ -27,15 +28,23 @@ def register(app: typer.Typer) -> None:
     @app.command("verify")
     def verify_cmd(a: str = typer.Argument(..., help="the claimed base (library name, directory or weight file)"),
                    b: str = typer.Argument(..., help="the model to check"),
+                   parent: list[str] = typer.Option([], "--parent",
+                                                     help="another candidate parent (repeat): is B a merge of A "
+                                                          "and these, with what weights?"),
                    as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Test from the weights whether B derives from A (or both share an ancestor)."""
         res = verify_references(a, b)
+        if parent:
+            res["merge"] = merge_report(b, [a, *parent])
         if as_json:
             _print_json(res)
             return
         typer.echo(f"A = {a}\nB = {b}")
         for line in summary_lines(res):
             typer.echo(line)
+        if parent:
+            for line in merge_lines(res["merge"]):
+                typer.echo(line)
         typer.echo(f"({res['seconds']:.1f} s)")
 
     @app.command("diff")

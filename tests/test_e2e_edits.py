@@ -27,6 +27,7 @@ def hf_config(out):
     return read_json(out / "model" / "config.json")
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_drop_layers(tmp_path):
     out, lin = derive("edit-drop-layers", tmp_path, "--set", "train.epochs=4")
     assert lin["edits"][0]["kept"] == [1, 3, 5]
@@ -34,6 +35,7 @@ def test_drop_layers(tmp_path):
     assert lin["adaptation"]["total_params"] < 20_000_000
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_expand_layers_trains_only_new_blocks(tmp_path):
     out, lin = derive("edit-expand-layers", tmp_path, "--set", "train.epochs=4")
     e = lin["edits"][0]
@@ -51,6 +53,7 @@ def _bert_layer():
     return BertLayer(BertConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536))
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_freeze_by_index_and_pattern(tmp_path):
     out, lin = derive("edit-freeze", tmp_path, "--set", "train.epochs=3")
     frozen = lin["edits"][0]["frozen_params"]
@@ -58,6 +61,7 @@ def test_freeze_by_index_and_pattern(tmp_path):
     assert lin["adaptation"]["trainable_params"] == lin["adaptation"]["total_params"] - frozen
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_expand_vocab(tmp_path):
     out, lin = derive("edit-vocab", tmp_path, "--set", "train.epochs=3")
     e = lin["edits"][0]
@@ -74,11 +78,13 @@ def test_head_only(tmp_path):
     assert lin["adaptation"]["trainable_params"] == 384 * 9 + 9
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_freeze_method(tmp_path):
     out, lin = derive("adapt-freeze", tmp_path, "--set", "train.epochs=3")
     assert lin["adaptation"]["trainable_params"] < lin["adaptation"]["total_params"] / 3
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_lora_merged_equals_adapter(tmp_path):
     from taoke.data.encode import encode_frame
     from taoke.inference import load
@@ -99,6 +105,7 @@ def test_lora_merged_equals_adapter(tmp_path):
     assert "base_model_relation: finetune" in card
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_dora_adapter_only(tmp_path):
     out, lin = derive("adapt-dora", tmp_path, "--set", "train.epochs=3")
     assert not (out / "model" / "model.safetensors").exists()

@@ -3,9 +3,12 @@
 import json
 import statistics
 
+import pytest
+
 from conftest import read_json, run_cli
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_kfold_and_compare(tmp_path):
     runs = tmp_path / "runs"
     a, b = runs / "a", runs / "b"

@@ -85,6 +85,7 @@ def _weights(model_dir):
     return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_llama_pro_block_expansion_trains_only_new_blocks(tmp_path):
     from taoke.lm.load import plain_model_dir
 
@@ -104,6 +105,7 @@ def test_llama_pro_block_expansion_trains_only_new_blocks(tmp_path):
     assert saved["model.layers.10.mlp.down_proj.weight"].abs().max() > 0  # the new block left its zero start
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_drop_layers_on_llama_saves_a_shallower_model(tmp_path):
     out, lin, base, derived = derive("sft-drop-layers", tmp_path, "--set", "train.max_steps=6",
                                      "--set", "data.max_rows=80")
@@ -127,6 +129,7 @@ def test_vocab_expansion_with_cjk_tokens(tmp_path):
     assert derived["bits_per_byte"] < base["bits_per_byte"]
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_lora_adapter_with_new_cjk_tokens_trains_them_and_reloads(tmp_path):
     """expand_vocab + LoRA saved as an adapter alone: the new rows train (PEFT trainable tokens), the adapter
     passes parity loaded the way chat/predict load it (base + adapter), and predict answers."""

@@ -75,6 +75,7 @@ def test_a_name_that_is_also_a_path_is_ambiguous(tmp_path, monkeypatch):
         resolve("org/name")  # not a path here: the message points to the hub prefix
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_hf_reference_resolves_from_a_real_offline_cache_and_lineage_records_the_revision(tmp_path):
     """The documented HF cache layout (models--org--name/snapshots/<rev>/ + refs/main) under HF_HUB_OFFLINE=1."""
     import shutil

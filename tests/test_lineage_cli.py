@@ -94,6 +94,7 @@ def test_normalize_refuses_non_llama():
         normalize("minilm-l6", "/tmp/should-not-be-written-taoke")
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 def test_normalize_real_renamed_smollm2(tmp_path):
     """The renamed-LLaMA case becomes a model plain transformers loads, with the logits of the base it was renamed
     from. The base comes from transformers' own GGUF loader and save_pretrained (rope_theta 100000 under

@@ -34,6 +34,7 @@ def test_a_failed_compile_falls_back_to_eager():
             assert all(layer._compiled_call_impl is None for layer in layers)
 
 
+@pytest.mark.slow   # covered in CI (make test-all); the default run keeps a faster sibling
 @pytest.mark.skipif(not toolchain_ready(CPU), reason="inductor needs a C++ compiler")
 def test_compiled_training_matches_eager():
     tok = smollm_tokenizer()

@@ -315,3 +315,59 @@ def test_streaming_a_gguf_file_leaves_no_pages_resident(tmp_path):
     assert r.get(r.names()[3]).max() == 3.0          # released pages read back correctly
     grown = _vm("VmRSS") - before
     assert grown < 4 * tensor_bytes < n * tensor_bytes, grown
+
+
+# ------------------------------------------------------------------------------------------ rotations
+
+def test_hadamard_matrices_are_orthonormal_with_equal_magnitudes():
+    for n in (12, 64, 576):
+        h = suite.hadamard(n)
+        assert np.allclose(h @ h.T, np.eye(n), atol=1e-12)
+        assert np.allclose(np.abs(h), 1 / np.sqrt(n))
+    with pytest.raises(ValueError, match="order 20"):
+        suite.hadamard(20)
+
+
+def _logits(d, text="The quick brown fox jumps over the lazy dog because"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(d))(text, return_tensors="pt")
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)(**ids).logits[0]
+
+
+@pytest.mark.parametrize("kind", ["random", "hadamard"])
+def test_rotated_residual_stream_keeps_logits_and_verifies_derived(real, kind):
+    """The reference is transformers running the original; the plain fingerprint cannot see through the rotation
+    (its own evidence line says so), the fitted residual map does."""
+    root, base = real
+    rot = suite.rotated(root, base, kind)
+    ref, out = _logits(base), _logits(rot)
+    assert float((out - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+    q_base = open_weights(str(base)).get("model.layers.3.self_attn.q_proj.weight")
+    q_rot = open_weights(str(rot)).get("model.layers.3.self_attn.q_proj.weight")
+    assert abs(float(np.corrcoef(q_base.ravel(), q_rot.ravel())[0, 1])) < 0.2   # the disguise is real
+    r = verify("smollm2-135m", str(rot))
+    assert r.verdict == "derived" and r.p_value < 1e-6, r.evidence
+    assert r.changes[0].startswith("residual stream rotated")
+    assert any("residual rotation fitted" in e for e in r.evidence)
+    assert len(r.layers) == 30 and r.relation in ("copy", "quantized")
+
+
+def test_sliced_residual_stream_verifies_derived_as_pruned(real):
+    root, base = real
+    r = verify("smollm2-135m", str(suite.sliced(root, base, keep=0.9)))
+    assert r.verdict == "derived" and r.p_value < 1e-6, r.evidence
+    assert "sliced from 576 to 518 dims" in r.changes[0] and r.relation == "pruned"
+
+
+def test_rotated_fine_tune_is_derived_and_a_rotated_stranger_is_not(tiny_family, tmp_path):
+    base = tiny_family["base"]
+    rot_ft = suite.rotated(tmp_path / "a", tiny_family["ft"], "random", seed=3)
+    r = verify(str(base), str(rot_ft))
+    assert r.verdict == "derived" and r.changes[0].startswith("residual stream rotated"), r.evidence
+    stranger = suite.rotated(tmp_path / "b", tiny_family["other"], "random", seed=3)
+    s = verify(str(base), str(stranger))
+    assert s.verdict == "independent" and s.p_value > 0.01
+    assert any("no rotation of the residual stream explains B" in e for e in s.evidence)

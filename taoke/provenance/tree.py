@@ -6,6 +6,7 @@ derived is flagged as an undisclosed shell, and a claim the weights contradict i
 Claims that loop (a model claiming itself, or a and b claiming each other) are flagged as cycles, never
 confirmed: shared weights say two models are related, not which came first. A claim is followed to a model
 in the scanned folder or to a library model (built-in, registered, pkg:, hf:), never to a path elsewhere.
+A model with two or more parents gets merge weights (provenance/merge.py), one per edge.
 Each node says whether its record is signed (provenance/signature.py): `unsigned`, `signed`, or with the
 signer's public key `verified` / `failed` (a failed one is flagged).
 """
@@ -19,6 +20,7 @@ import matplotlib
 
 from taoke.errors import ModelError, TaokeError
 from taoke.library import card_metadata, is_library_reference
+from taoke.provenance.merge import merge_weights
 from taoke.provenance.signature import signature_state, verify_run_signature
 from taoke.run import Run
 from taoke.provenance.verify import verify
@@ -166,7 +168,29 @@ def build_tree(root: str | Path, public_key: str | Path | None = None) -> dict:
         who = [m for m in (x, y) if not claims[m]]
         flags.append(f"undisclosed: {' and '.join(who) or child} share weights with {parent if who else x} "
                      f"(p={res.p_value:.3g}) but no card or lineage record says so")
+    _weigh_merges(nodes, edges, refs)
     return {"root": str(root), "nodes": nodes, "edges": edges, "flags": flags}
+
+
+def _weigh_merges(nodes: list[dict], edges: list[dict], refs: dict[str, str]) -> None:
+    """A model with two or more parents whose weights it shares: estimate its merge weights, one per edge."""
+    parents: dict[str, list[dict]] = {}
+    for e in edges:
+        if e["status"] in ("confirmed", "undisclosed"):
+            parents.setdefault(e["child"], []).append(e)
+    for child, incoming in parents.items():
+        if len(incoming) < 2:
+            continue
+        try:
+            est = merge_weights(refs[child], [refs[e["parent"]] for e in incoming])
+        except ModelError:
+            continue   # the parents do not share B's layout tensor for tensor: no weights to give
+        node = next(n for n in nodes if n["id"] == child)
+        node["merge"] = {"verdict": est.verdict, "explained": round(est.explained, 4),
+                         "parents": [e["parent"] for e in incoming], "weights": [round(w, 4) for w in est.weights]}
+        if est.verdict == "merge":
+            for e, w in zip(incoming, est.weights):
+                e["merge_weight"] = round(w, 4)
 
 
 def claim_cycles(claims: dict[str, list[str]]) -> set[tuple[str, str]]:
@@ -196,6 +220,7 @@ def mermaid(tree: dict) -> str:
     for e in tree["edges"]:
         arrow = {"confirmed": "-->", "undisclosed": "-.->", "contradicted": "--x", "cycle": "-.-x"}.get(e["status"], "-->")
         p = f" p={e['p_value']:.2g}" if e["p_value"] is not None else ""
+        p += f" w={e['merge_weight']:.2f}" if e.get("merge_weight") is not None else ""
         lines.append(f'  {ids[e["parent"]]} {arrow}|{e["status"]}{p}| {ids[e["child"]]}')
     return "\n".join(lines) + "\n"
 
@@ -221,7 +246,8 @@ def draw(tree: dict, path: Path) -> Path:
         ax.annotate("", xy=(x1, y1 + 0.12), xytext=(x0, y0 - 0.12),
                     arrowprops=dict(arrowstyle="->", color=colors.get(e["status"], "gray"),
                                     linestyle="--" if e["status"] != "confirmed" else "-"))
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, e["status"], fontsize=7, color=colors.get(e["status"], "gray"))
+        tag = e["status"] + (f" w={e['merge_weight']:.2f}" if e.get("merge_weight") is not None else "")
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, tag, fontsize=7, color=colors.get(e["status"], "gray"))
     signature = {n["id"]: n.get("signature") for n in tree["nodes"]}
     frame = {"verified": ("tab:green", "-"), "signed": ("tab:blue", "-"), "failed": ("tab:red", "-"),
              "unsigned": ("gray", "--")}

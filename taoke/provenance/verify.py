@@ -42,7 +42,11 @@ INDEPENDENT_P = 0.01   # above: no evidence of a shared origin
 SKETCH = 32            # width of the random projection used to compare units and tensors
 SUBSET = 128           # residual dims in the fingerprint (m); m(m-1)/2 entries per tensor
 N_NULL = 40            # random residual permutations for the null
+N_NULL_EXACT = 1000    # draws when the normal tail of those 40 lands between the thresholds (p by counting)
+AMBIGUOUS_P = 0.05     # normal-tail p from DERIVED_P up to this gets the exact count
 P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
+MAP_MIN_COS = 0.5      # a fitted residual map this poor on held-out embedding rows is not looked at further
+ROTATED_MIN_FP = 0.5   # under a fitted map: mean best-layer fingerprint correlation a `derived` needs
 # Relative rounding unit of float storage types (as the readers name them): a copy of a norm gain through one of
 # these moves by at most this fraction of its value; quantised types have no such bound.
 _ROUNDING = {**dict.fromkeys(("f64", "float64", "double"), 2.0 ** -53),
@@ -99,9 +103,8 @@ def _rounding(dtype: str) -> float | None:
     return _ROUNDING.get(dtype.lower())
 
 
-def _tensor_fingerprint(w: torch.Tensor, idx: torch.Tensor, iu) -> np.ndarray | None:
-    """w: (other axis) x residual. Cosines between residual dims in `idx`, flattened, centred, unit norm."""
-    r = w[:, idx]
+def _tensor_fingerprint(r: torch.Tensor, iu) -> np.ndarray | None:
+    """r: (other axis) x (the m residual dims sampled). Cosines between those dims, flattened, centred, unit norm."""
     s = r.sum(dim=0)
     g = r.T @ r - torch.outer(s, s) / r.shape[0]     # Gram of the centred columns without a centred copy
     d = torch.rsqrt(torch.clamp(torch.diagonal(g), min=1e-30))
@@ -138,10 +141,19 @@ def _fingerprinted(view: CanonicalView, idx: np.ndarray) -> list[Slot]:
     return sorted(out, key=lambda s: (s.role, -1 if s.layer is None else s.layer))
 
 
-def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj: np.ndarray | None) -> Fingerprint:
+# The norm whose gain scales each reading matrix's input (what a rotation folds into it).
+_GAIN_OF = {"attn_q": "attn_norm", "attn_k": "attn_norm", "attn_v": "attn_norm", "attn_qkv": "attn_norm",
+            "ffn_gate": "ffn_norm", "ffn_up": "ffn_norm"}
+
+
+def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj: np.ndarray | None,
+                residual_map: np.ndarray | None = None, fold_norms: bool = False) -> Fingerprint:
     """One streaming pass: Gram fingerprints, unit sketches (units x k) and norm gains of every layer tensor.
 
     `proj` (hidden x k, shared by both models) projects the residual axis; None when widths differ.
+    `residual_map` (hidden x hidden) takes this model's residual basis to the other's before anything is measured;
+    `fold_norms` scales each reading matrix's columns by the gain of the norm before it (a rotated model has its
+    gains folded in that way, so both sides are compared folded).
     Memory: X is allocated once up front and sketches and norms go to a file, so nothing small and long-lived
     is interleaved on the heap with the freed tensor buffers (that kept ~0.4 MB per layer resident).
     """
@@ -154,6 +166,12 @@ def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj
     fp = Fingerprint([(s.layer, s.role) for s in planned], np.empty((len(planned), m * (m - 1) // 2), np.float32),
                      {}, norms=SpillStore())
     kept = np.zeros(len(planned), dtype=bool)
+    gains = _gains(reader, view) if fold_norms else {}
+    # Only the sampled dims and the sketch are ever read from the mapped residual axis: map those columns alone
+    # (m + k of them instead of all hidden: ~4x less work on a 576-wide model).
+    tmap = torch.from_numpy(residual_map.astype(np.float32)) if residual_map is not None else None
+    pick = tmap[:, tidx] if tmap is not None else None
+    tproj = tmap @ tproj if tmap is not None and tproj is not None else tproj
     for slot in view.slots():   # the view's order (globals, then layer by layer), not X's
         if slot.role in NORM_ROLES and slot.layer is not None:
             fp.norms[(slot.layer, slot.role)] = reader.get(slot.name)
@@ -164,7 +182,11 @@ def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj
             continue
         w = torch.from_numpy(reader.get(slot.name))
         w = w if _residual_side(slot, view.hidden) else w.T      # (units) x (residual)
-        v = _tensor_fingerprint(w, tidx, iu)
+        g = gains.get((slot.layer, _GAIN_OF.get(slot.role, "final_norm" if slot.role == "head" else None)))
+        if g is not None and g.shape[0] == w.shape[1]:
+            w = w * torch.from_numpy(g.astype(np.float32))
+        mapped = pick is not None and w.shape[1] == pick.shape[0]
+        v = _tensor_fingerprint(w @ pick if mapped else w[:, tidx], iu)
         if v is None:
             continue
         fp.X[row[slot.name]], kept[row[slot.name]] = v, True
@@ -177,6 +199,13 @@ def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj
         fp.X = fp.X[kept]
         fp.keys = [k for k, ok in zip(fp.keys, kept) if ok]
     return fp
+
+
+def _gains(reader: WeightReader, view: CanonicalView) -> dict:
+    """(layer, norm role) -> gain vector, final norm under (None, "final_norm")."""
+    out = {(s.layer, s.role): reader.get(s.name) for s in view.slots()
+           if (s.role in NORM_ROLES and s.layer is not None) or (s.role == "final_norm" and s.layer is None)}
+    return {k: v for k, v in out.items() if v.ndim == 1}
 
 
 def _role_blocks(fa: Fingerprint, fb: Fingerprint, la: list[int], lb: list[int]) -> list[tuple]:
@@ -361,11 +390,14 @@ class VerifyResult:
     changes: list[str]
     evidence: list[str]
     seconds: float
+    p_permutation: float = 1.0   # the randomisation bound; p_value below it is the normal approximation's tail
+    null_draws: int = N_NULL
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b, "verdict": self.verdict, "p_value": self.p_value,
+                "p_permutation": round(self.p_permutation, 6),
                 "relation": self.relation, "statistic": round(self.statistic, 4),
-                "null": {"mean": round(self.null_mean, 4), "sd": round(self.null_sd, 5), "draws": N_NULL},
+                "null": {"mean": round(self.null_mean, 4), "sd": round(self.null_sd, 5), "draws": self.null_draws},
                 "z": round(self.z, 2), "architecture": {"a": self.view_a.to_dict(), "b": self.view_b.to_dict()},
                 "layers": [m.to_dict() for m in self.layers], "vocab": self.vocab, "changes": self.changes,
                 "evidence": self.evidence, "seconds": round(self.seconds, 2)}
@@ -447,14 +479,48 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
         proj = (np.random.default_rng(7).standard_normal((h, SKETCH)) / np.sqrt(SKETCH)).astype(np.float32)
     fa = fingerprint(ra, va, idx, proj)
     fb = fingerprint(rb, vb, idx, proj)
+    test = _significance(fa, fb, idx, n_null, use_embed=True)
+    if test is None:
+        return _no_evidence(a, b, va, vb, evidence + ["no weight matrices with a shared role to compare"], t0)
+    judged = _judged(ra, rb, va, vb, fa, fb, test, deep, list(evidence))
+    if judged[0] != "derived":
+        judged = _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence, judged)
+    verdict, relation, changes, evidence, test, layers, vocab = judged
+    res = VerifyResult(_label(a), _label(b), verdict, test.p, relation, test.t_obs, test.mu, test.sd, test.z, layers,
+                       test.L, test.la, test.lb, va, vb, vocab, changes, evidence, time.perf_counter() - t0,
+                       test.p_permutation, test.n_null)
+    for r in (ra, rb):
+        if r is not a and r is not b:
+            r.close()
+    return res
+
+
+@dataclass
+class Significance:
+    L: np.ndarray          # layer similarity matrix, A's layers x B's
+    la: list[int]
+    lb: list[int]
+    t_obs: float
+    mu: float
+    sd: float
+    z: float
+    p: float
+    tau: float             # a layer pair counts as matched above this
+    n_null: int
+    p_permutation: float   # (1 + null draws >= the statistic) / (draws + 1): what the draws alone can show
+
+
+def _significance(fa: Fingerprint, fb: Fingerprint, idx: np.ndarray, n_null: int,
+                  use_embed: bool) -> Significance | None:
+    """The fingerprint statistic and its residual-permutation null. `use_embed=False` leaves the embedding out
+    (when it was used to fit a residual map it would match by construction)."""
     la = sorted({l for l, _ in fa.keys if l is not None})
     lb = sorted({l for l, _ in fb.keys if l is not None})
     shared_roles = {r for l, r in fa.keys if l is not None} & {r for l, r in fb.keys if l is not None}
     if not la or not lb or not shared_roles:
-        return _no_evidence(a, b, va, vb, evidence + ["no weight matrices with a shared role to compare"], t0)
-    ea = fa.keys.index((None, "embed")) if (None, "embed") in fa.keys else None
-    eb = fb.keys.index((None, "embed")) if (None, "embed") in fb.keys else None
-
+        return None
+    ea = fa.keys.index((None, "embed")) if use_embed and (None, "embed") in fa.keys else None
+    eb = fb.keys.index((None, "embed")) if use_embed and (None, "embed") in fb.keys else None
     blocks = _role_blocks(fa, fb, la, lb)
 
     def stat_for(perm=None):
@@ -470,32 +536,133 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     m = len(idx)
     null = []
     entries = np.zeros(3)   # count, sum, sum of squares of null layer-pair entries (for tau)
-    for _ in range(n_null):
-        Lp, ep = stat_for(_perm_index(m, rng.permutation(m)))
-        null.append(_statistic(Lp, ep))
-        entries += (Lp.size, Lp.sum(), np.square(Lp).sum())
-    null = np.array(null)
-    mu, sd = float(null.mean()), float(null.std(ddof=1))
+
+    def draw(n):
+        nonlocal entries
+        for _ in range(n):
+            Lp, ep = stat_for(_perm_index(m, rng.permutation(m)))
+            null.append(_statistic(Lp, ep))
+            entries += (Lp.size, Lp.sum(), np.square(Lp).sum())
+
+    draw(n_null)
+    mu, sd = float(np.mean(null)), float(np.std(null, ddof=1))
     z = (t_obs - mu) / max(sd, 1e-12)
     p = float(max(stats.norm.sf(z), P_FLOOR))
+    if DERIVED_P <= p < AMBIGUOUS_P:
+        # Between the thresholds the normal tail of 40 draws is not to be trusted (the null need not be Gaussian):
+        # draw until the permutation p itself resolves the `independent` threshold, and report that p.
+        draw(N_NULL_EXACT - n_null)
+        mu, sd = float(np.mean(null)), float(np.std(null, ddof=1))
+        z = (t_obs - mu) / max(sd, 1e-12)
+    n_drawn = len(null)
+    p_perm = (1 + int(np.sum(np.array(null) >= t_obs))) / (n_drawn + 1)
+    if n_drawn > n_null:
+        p = p_perm
     e_mean = entries[1] / entries[0]
     e_sd = np.sqrt(max(entries[2] / entries[0] - e_mean ** 2, 0.0))
-    tau = float(e_mean + 6 * e_sd)          # a layer pair counts as matched well above the null
-    pairs = align_layers(L, tau) if p < INDEPENDENT_P else []
-    evidence.append(f"fingerprint statistic {t_obs:.3f} vs null {mu:.3f} ± {sd:.4f} "
-                    f"({n_null} residual permutations): z = {z:.1f}, p = {p:.3g}")
-    layers = [LayerMatch(la[i], lb[j], [], [], float(L[i, j])) for i, j in pairs]
+    return Significance(L, la, lb, t_obs, mu, sd, float(z), p, float(e_mean + 6 * e_sd), n_drawn, p_perm)
+
+
+def _judged(ra, rb, va, vb, fa, fb, test: Significance, deep: bool, evidence: list[str]) -> tuple:
+    """Layer alignment, tensor-level comparison and the verdict for one significance test."""
+    pairs = align_layers(test.L, test.tau) if test.p < INDEPENDENT_P else []
+    how = "counted among the draws" if test.p == test.p_permutation else "Gaussian tail"
+    evidence.append(f"fingerprint statistic {test.t_obs:.3f} vs null {test.mu:.3f} ± {test.sd:.4f} "
+                    f"({test.n_null} residual permutations): z = {test.z:.1f}, p = {test.p:.3g} ({how})")
+    layers = [LayerMatch(test.la[i], test.lb[j], [], [], float(test.L[i, j])) for i, j in pairs]
     vocab: dict = {}
     if deep and layers:
         _compare_layers(ra, va, vb, fa, fb, layers)
         vocab = _vocab_report(ra, rb, va, vb, fa, fb)
-    verdict, relation, changes = _judge(p, layers, L, la, lb, fa, fb, vocab, va, vb, evidence)
-    res = VerifyResult(_label(a), _label(b), verdict, p, relation, t_obs, mu, sd, float(z), layers, L, la, lb, va, vb,
-                       vocab, changes, evidence, time.perf_counter() - t0)
-    for r in (ra, rb):
-        if r is not a and r is not b:
-            r.close()
-    return res
+    verdict, relation, changes = _judge(test.p, layers, test.L, test.la, test.lb, fa, fb, vocab, va, vb, evidence)
+    return verdict, relation, changes, evidence, test, layers, vocab
+
+
+def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence, plain: tuple) -> tuple:
+    """Second look for a model whose residual stream was rotated, or rotated and sliced (SliceGPT): B's weights are
+    A's around an orthogonal Q, or around the first columns of one.
+
+    The map is fitted on the embedding rows of the tokens both share (orthogonal Procrustes), takes the wider
+    model's residual basis onto the narrower's, norm gains are folded into the matrices that read them on both
+    sides, and the test runs again on the layers only (the embedding fitted the map). Its verdict replaces the
+    plain one only when it is `derived`: a map fitted on embeddings can also line up two unrelated models' token
+    geometry, which must never read as evidence by itself.
+    """
+    fit = residual_map(ra, rb, va, vb)
+    if fit is None:
+        return plain
+    P, on_a, fit_cos, rows = fit
+    if fit_cos < MAP_MIN_COS:   # no orthogonal map explains one embedding by the other: nothing to look at
+        plain[3].append(f"no rotation of the residual stream explains B's embedding either (best orthogonal map: "
+                        f"held-out row cosine {fit_cos:.3f} on {rows} shared rows)")
+        return plain
+    h = min(va.hidden, vb.hidden)
+    idx = _residual_subset(h, subset)
+    proj = (np.random.default_rng(7).standard_normal((h, SKETCH)) / np.sqrt(SKETCH)).astype(np.float32)
+    fa = fingerprint(ra, va, idx, proj, residual_map=P if on_a else None, fold_norms=True)
+    fb = fingerprint(rb, vb, idx, proj, residual_map=None if on_a else P, fold_norms=True)
+    test = _significance(fa, fb, idx, n_null, use_embed=False)
+    if test is None:
+        return plain
+    shape = "rotation" if va.hidden == vb.hidden else f"rotation and slice ({va.hidden} -> {vb.hidden} dims)"
+    note = (f"residual {shape} fitted on {rows} shared embedding rows (orthogonal Procrustes; held-out row cosine "
+            f"{fit_cos:.3f}; norm gains folded on both sides)")
+    judged = _judged(ra, rb, va, vb, fa, fb, test, deep, list(evidence) + [note])
+    layer_fp = float(test.L.max(axis=0).mean())
+    judged[3].append(f"mean best-layer fingerprint correlation under the map {layer_fp:.3f} (`derived` needs "
+                     f"{ROTATED_MIN_FP}): a fitted map breaks the permutation null, so p here is no calibrated "
+                     "figure and the verdict rests on this similarity")
+    if judged[0] != "derived" or layer_fp < ROTATED_MIN_FP:
+        plain[3].append(f"no rotation of the residual stream explains B either: {note}, then mean best-layer "
+                        f"fingerprint correlation {layer_fp:.3f} (derived needs {ROTATED_MIN_FP})")
+        return plain
+    verdict, relation, changes, *rest = judged
+    if va.hidden != vb.hidden and relation in ("copy", "quantized", "unknown"):
+        relation = "pruned"   # residual dims removed: the width pruning SliceGPT does
+    changes.insert(0, "residual stream rotated by an orthogonal map" + (
+        "" if va.hidden == vb.hidden else f" and sliced from {va.hidden} to {vb.hidden} dims"))
+    return (verdict, relation, changes, *rest)
+
+
+def residual_map(ra: WeightReader, rb: WeightReader, va: CanonicalView,
+                 vb: CanonicalView) -> tuple[np.ndarray, bool, float, int] | None:
+    """P (wide x narrow, orthonormal columns) with E_wide P ~ E_narrow on the tokens both vocabularies hold
+    (orthogonal Procrustes: P = U V^T of the SVD of E_wide^T E_narrow), whether the wide side is A, the mean row
+    cosine of the fit on held-out rows, and the number of rows fitted. None without enough shared rows.
+
+    Written out because scipy's orthogonal_procrustes fits square maps only; a sliced model needs a rectangular one.
+    """
+    ea, eb = va.globals.get("embed"), vb.globals.get("embed")
+    if ea is None or eb is None or len(ea.shape) != 2 or len(eb.shape) != 2:
+        return None
+    xa, xb = ra.get(ea.name), rb.get(eb.name)
+    ta, tb = ra.tokens, rb.tokens
+    if ta and tb:
+        pos_a = {t: i for i, t in enumerate(ta)}
+        shared = np.array([(pos_a[t], j) for j, t in enumerate(tb) if t in pos_a and pos_a[t] < len(xa)
+                           and j < len(xb)], dtype=np.int64).reshape(-1, 2)
+    else:
+        n = min(len(xa), len(xb))
+        shared = np.stack([np.arange(n), np.arange(n)], axis=1)
+    on_a = xa.shape[1] >= xb.shape[1]
+    wide, narrow = (xa, xb) if on_a else (xb, xa)
+    cols = (0, 1) if on_a else (1, 0)
+    if len(shared) < 4 * wide.shape[1]:   # too few rows to pin down ~hidden^2 / 2 free parameters
+        return None
+    order = np.random.default_rng(5).permutation(len(shared))
+    fit_rows = shared[order[:min(len(order) - len(order) // 8, 16384)]]
+    held = shared[order[-min(len(order) // 8, 4096):]]
+    # Centred rows: training moves every rarely seen token's row along one shared direction, which any map
+    # would line up between two unrelated models (held-out cosine 0.85 uncentred on two scratch models).
+    def centred(x, rows):
+        x = x[rows].astype(np.float32)
+        return x - x.mean(axis=0)
+    u, _, vt = np.linalg.svd(centred(wide, fit_rows[:, cols[0]]).T @ centred(narrow, fit_rows[:, cols[1]]),
+                             full_matrices=False)
+    P = (u @ vt).astype(np.float64)
+    cos = np.sum(_unit_rows(centred(wide, held[:, cols[0]]) @ P) * _unit_rows(centred(narrow, held[:, cols[1]])),
+                 axis=1)
+    return P, on_a, float(np.mean(cos)), len(fit_rows)
 
 
 def _compare_layers(ra, va, vb, fa: Fingerprint, fb: Fingerprint, layers: list[LayerMatch]) -> None:
