@@ -24,9 +24,14 @@ _GGUF_ROLE = {
     "ATTN_NORM": "attn_norm", "ATTN_Q": "attn_q", "ATTN_K": "attn_k", "ATTN_V": "attn_v", "ATTN_OUT": "attn_o",
     "ATTN_QKV": "attn_qkv", "ATTN_OUT_NORM": "attn_out_norm", "FFN_NORM": "ffn_norm", "FFN_GATE": "ffn_gate",
     "FFN_UP": "ffn_up", "FFN_DOWN": "ffn_down", "LAYER_OUT_NORM": "ffn_out_norm",
+    # Gemma 2/3 sandwich norms and Qwen3/Gemma 3 q/k norms; Gemma's pre-FFN norm is what LLaMA calls ffn_norm
+    "FFN_PRE_NORM": "ffn_norm", "ATTN_POST_NORM": "attn_post_norm", "FFN_POST_NORM": "ffn_post_norm",
+    "ATTN_Q_NORM": "attn_q_norm", "ATTN_K_NORM": "attn_k_norm",
 }
 # Architectures whose maps we try; the one recognising most names wins.
-_CANDIDATE_ARCHS = ("LLAMA", "BERT", "GPT2", "QWEN2", "GEMMA", "PHI3", "FALCON", "GPTNEOX", "STARCODER", "NOMIC_BERT")
+# LLaMA first: on a tie (a LLaMA checkpoint's names are all known to the Gemma 2 map too) the first one wins.
+_CANDIDATE_ARCHS = ("LLAMA", "BERT", "GPT2", "QWEN2", "QWEN3", "GEMMA", "GEMMA2", "GEMMA3", "PHI3", "FALCON", "GPTNEOX",
+                    "STARCODER", "NOMIC_BERT")
 
 READ_ROLES = {"attn_q", "attn_k", "attn_v", "attn_qkv", "ffn_gate", "ffn_up"}   # residual stream on columns
 WRITE_ROLES = {"attn_o", "ffn_down"}                                            # residual stream on rows
@@ -36,6 +41,7 @@ NORM_ROLES = {"attn_norm", "ffn_norm", "attn_out_norm", "ffn_out_norm"}
 # Name hints for unknown names, matched against the part after the layer number.
 _HINTS = [
     ("attn_qkv", r"qkv|c_attn|query_key_value|wqkv"),
+    ("ffn_up", r"gate_up"),   # Phi-3's fused gate and up projection (gguf calls it ffn_up)
     ("attn_q", r"(^|[._])(q|wq|q_proj|query)([._]|$)"),
     ("attn_k", r"(^|[._])(k|wk|k_proj|key)([._]|$)"),
     ("attn_v", r"(^|[._])(v|wv|v_proj|value)([._]|$)"),

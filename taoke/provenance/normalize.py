@@ -1,12 +1,14 @@
 """`normalize SRC DST`: rewrite a (renamed) checkpoint under its family's canonical HF names and config.
 
-Supported family: llama (what the renamed-LLaMA case needs; GGUF LLaMA files normalise too). The written
-config keeps every field the source config states (rope_parameters / rope_theta / rope_scaling, norm eps,
-activation, biases, token ids, ...) and takes only names and sizes from the tensors. The output is checked
-against the source's own function: the reference model is built from the source config as transformers reads
-it (its declared architecture when transformers knows it, every field read as a LlamaConfig when the name is
-disguised; a GGUF file through transformers' GGUF config reader), with the source tensors placed by the
-canonical view; the written directory, loaded by plain transformers, must give the same logits.
+Families: every architecture transformers knows whose tensors the canonical view places one to one (tested:
+LLaMA, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3, GPT-2, BERT, RoBERTa). When the source config names
+such an architecture, the target names come from transformers itself: the architecture is built on the meta
+device and its own tensor names are placed by the same canonical view, so source and target meet on
+(layer, role). A config whose architecture name transformers does not know (a disguised LLaMA) is read as LLaMA:
+every field it states is kept (rope_parameters / rope_theta / rope_scaling, norm eps, activation, biases, ...),
+names and sizes come from the tensors. The output is checked against the source's own function: the reference
+model is built from the source config as transformers reads it, with the source tensors placed by the canonical
+view; the written directory, loaded by plain transformers, must give the same outputs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig,
+                          PreTrainedModel)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from taoke.errors import ModelError
 from taoke.files import atomic_dir, write_json_atomic
 from taoke.formats import open_weights
-from taoke.formats.base import WeightReader
+from taoke.formats.base import TensorMeta, WeightReader
 from taoke.provenance.canonical import CanonicalView, canonical_view
 
 LLAMA_NAMES = {
@@ -60,7 +65,8 @@ def llama_config(reader: WeightReader, view: CanonicalView) -> dict:
     """A LlamaConfig dict: every field the source config states (rope, eps, activation, token ids, ...), with the
     architecture's names and the sizes taken from the tensors."""
     if view.family != "llama":
-        raise ModelError(f"normalize supports the llama family; this checkpoint looks like '{view.family}'")
+        raise ModelError(f"this checkpoint looks like '{view.family}' and its config names no architecture "
+                         "transformers knows; normalize reads such checkpoints as the llama family only")
     cfg = reader.config or {}
     hidden = view.hidden
     layer0 = view.layers[view.layer_ids[0]]
@@ -131,6 +137,116 @@ def reference_logits(config: LlamaConfig, sd: dict) -> torch.Tensor:
         return model(_probe_ids(config.vocab_size)).logits
 
 
+class _ShapeReader(WeightReader):
+    """Names and shapes only: lets the canonical view place an architecture's own (meta-device) tensor names."""
+
+    def __init__(self, shapes: dict[str, tuple], config: dict):
+        super().__init__(Path("."))
+        self._shapes, self.config = shapes, config
+
+    def tensors(self) -> list[TensorMeta]:
+        return [TensorMeta(name, shape, "f32") for name, shape in self._shapes.items()]
+
+
+def declared_config(reader: WeightReader) -> PretrainedConfig | None:
+    """The source config under its declared architecture when transformers knows it and it is not LLaMA (LLaMA and
+    disguised names take the LLaMA path, which keeps every stated field); else None."""
+    path = Path(reader.path)
+    folder = path if path.is_dir() else path.parent
+    if path.suffix == ".gguf" or not (folder / "config.json").is_file():
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError):   # an architecture name transformers does not know
+        return None
+    return None if config.model_type == "llama" else config
+
+
+def _auto_class(config: PretrainedConfig):
+    """The class the config declares (BertModel for an encoder saved as one), else the family's causal LM."""
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            return cls
+    return AutoModelForCausalLM if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModel
+
+
+def _build(config: PretrainedConfig):
+    cls = _auto_class(config)
+    return cls.from_config(config) if cls in (AutoModelForCausalLM, AutoModel) else cls(config)
+
+
+def family_state_dict(reader: WeightReader, view: CanonicalView,
+                      config: PretrainedConfig) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Source tensors under the names transformers gives this architecture, matched on (layer, role); and the
+    renaming (source name -> target name)."""
+    with torch.device("meta"):
+        target = _build(config)
+    shapes = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    tview = canonical_view(_ShapeReader(shapes, config.to_dict()))
+    if tview.unknown:
+        raise ModelError(f"normalize cannot place {config.model_type}'s own tensors {tview.unknown[:3]}; this family "
+                         "is not supported")
+    source = {(s.layer, s.role): s for s in view.slots()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    sd: dict[str, np.ndarray] = {}
+    renamed: dict[str, str] = {}
+    for slot in tview.slots():
+        src = source.pop((slot.layer, slot.role), None)
+        if src is None:
+            if slot.role == "head" and tied:
+                continue
+            raise ModelError(f"{reader.path}: no tensor for {config.model_type}'s '{slot.name}' "
+                             f"({slot.canonical}); the checkpoint does not fit its declared architecture")
+        if tuple(src.shape) != slot.shape:
+            raise ModelError(f"{reader.path}: tensor '{src.name}' has shape {tuple(src.shape)}, {config.model_type}'s "
+                             f"'{slot.name}' needs {slot.shape}")
+        sd[slot.name] = reader.get(src.name)
+        renamed[src.name] = slot.name
+    if source or view.unknown:
+        left = [s.name for s in source.values()] + view.unknown
+        raise ModelError(f"{reader.path}: {len(left)} tensor(s) have no place in {config.model_type}: {left[:5]}")
+    return sd, renamed
+
+
+def _outputs(model, vocab: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(_probe_ids(vocab))
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _normalize_family(src, reader: WeightReader, view: CanonicalView, config: PretrainedConfig, dst: Path) -> dict:
+    sd, names = family_state_dict(reader, view, config)
+    src_dir = reader.path if reader.path.is_dir() else reader.path.parent
+    reader.close()
+    reference = _build(config).eval()
+    missing, unexpected = reference.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+        raise ModelError(f"state dict does not fit {config.model_type}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(config, "tie_word_embeddings", False):
+        reference.tie_weights()
+    expected = _outputs(reference, config.vocab_size)
+    cfg = {**config.to_dict(), "architectures": [type(reference).__name__]}
+    with atomic_dir(dst) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        write_json_atomic(tmp / "config.json", cfg)
+        for name in _TOKENIZER_FILES:
+            if (src_dir / name).exists():
+                shutil.copyfile(src_dir / name, tmp / name)
+        got = _outputs(type(reference).from_pretrained(str(tmp), dtype=torch.float32).eval(), config.vocab_size)
+        diff = float((got - expected).abs().max())
+        if diff != 0.0:
+            raise ModelError(f"normalized model's outputs differ from the source by up to {diff:.3g}; nothing was "
+                             f"written to {dst}")
+        report = {"source": str(src), "output": str(dst), "family": config.model_type, "config": cfg,
+                  "renamed": {k: v for k, v in names.items() if k != v}, "tensors": len(sd),
+                  "probe_tokens": int(_probe_ids(config.vocab_size).shape[1]), "max_abs_logit_diff": diff,
+                  "identical_logits": True}
+        write_json_atomic(tmp / "normalize_report.json", report)
+    return report
+
+
 def normalize(src, dst: str | Path) -> dict:
     """Write DST (model.safetensors + config.json + tokenizer files) and check its logits; return a report.
 
@@ -141,6 +257,9 @@ def normalize(src, dst: str | Path) -> dict:
         raise ModelError(f"{dst} exists and is not empty; choose a new output directory")
     reader = open_weights(src)
     view = canonical_view(reader)
+    declared = declared_config(reader)
+    if declared is not None:
+        return _normalize_family(src, reader, view, declared, dst)
     cfg = llama_config(reader, view)
     reference = source_config(reader, view)
     sd = llama_state_dict(reader, view)
