@@ -36,6 +36,7 @@ from taoke.formats import open_weights
 from taoke.formats.base import WeightReader
 from taoke.library import BaseRef, resolve
 from taoke.provenance.canonical import MATRIX_ROLES, NORM_ROLES, READ_ROLES, CanonicalView, Slot, canonical_view
+from taoke.provenance.residual_map import MAP_MIN_COS, residual_map, unit_rows
 
 DERIVED_P = 1e-6       # below: the weights share an origin
 INDEPENDENT_P = 0.01   # above: no evidence of a shared origin
@@ -45,7 +46,6 @@ N_NULL = 40            # random residual permutations for the null
 N_NULL_EXACT = 1000    # draws when the normal tail of those 40 lands between the thresholds (p by counting)
 AMBIGUOUS_P = 0.05     # normal-tail p from DERIVED_P up to this gets the exact count
 P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
-MAP_MIN_COS = 0.5      # a fitted residual map this poor on held-out embedding rows is not looked at further
 ROTATED_MIN_FP = 0.5   # under a fitted map: mean best-layer fingerprint correlation a `derived` needs
 # Relative rounding unit of float storage types (as the readers name them): a copy of a norm gain through one of
 # these moves by at most this fraction of its value; quantised types have no such bound.
@@ -288,15 +288,11 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     return _cos(x - x.mean(), y - y.mean())
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _match_units(fa: np.ndarray, fb: np.ndarray) -> tuple[np.ndarray, bool]:
     """Order of B's units matching A's units: identity when it already fits, else Hungarian on cosines."""
     if len(fa) != len(fb):  # different widths: compare nothing unit by unit
         return np.arange(min(len(fa), len(fb))), False
-    ua, ub = _unit_rows(fa), _unit_rows(fb)
+    ua, ub = unit_rows(fa), unit_rows(fb)
     if float(np.mean(np.sum(ua * ub, axis=1))) > 0.5:  # unrelated unit vectors have cosine ~0
         return np.arange(len(fa)), False
     c = ua @ ub.T
@@ -310,7 +306,7 @@ def _align_layer(sa: dict, sb: dict, heads: tuple[int, int] | None) -> tuple[dic
     notes = []
     mlp = [r for r in ("ffn_gate", "ffn_up", "ffn_down") if r in sa and r in sb and sa[r].shape == sb[r].shape]
     if mlp and len({sa[r].shape[0] for r in mlp}) == 1:
-        order, moved = _match_units(*(np.concatenate([_unit_rows(x[r]) for r in mlp], axis=1) for x in (sa, sb)))
+        order, moved = _match_units(*(np.concatenate([unit_rows(x[r]) for r in mlp], axis=1) for x in (sa, sb)))
         if moved:
             notes.append("MLP units permuted")
             for r in mlp:
@@ -322,7 +318,7 @@ def _align_layer(sa: dict, sb: dict, heads: tuple[int, int] | None) -> tuple[dic
         g = n_head // n_kv
         if sa["attn_k"].shape[0] == n_kv * hd:
             def groups(x):  # one feature row per kv group: its k, v units and its q, o head units
-                return np.concatenate([_unit_rows(x[r].reshape(n_kv, -1)) for r in attn], axis=1)
+                return np.concatenate([unit_rows(x[r].reshape(n_kv, -1)) for r in attn], axis=1)
 
             order, moved = _match_units(groups(sa), groups(sb))
             if moved:
@@ -435,7 +431,7 @@ def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: Can
     if xa is not None and xb is not None and shared:
         sample = np.array(shared)[np.random.default_rng(0).permutation(len(shared))[:4096]]
         sample = sample[(sample[:, 0] < len(xa)) & (sample[:, 1] < len(xb))]
-        cos = np.sum(_unit_rows(xa[sample[:, 0]]) * _unit_rows(xb[sample[:, 1]]), axis=1)
+        cos = np.sum(unit_rows(xa[sample[:, 0]]) * unit_rows(xb[sample[:, 1]]), axis=1)
         out["shared_rows_cos"] = round(float(np.mean(cos)), 4)
     return out
 
@@ -622,47 +618,6 @@ def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence, plain: tuple) 
     changes.insert(0, "residual stream rotated by an orthogonal map" + (
         "" if va.hidden == vb.hidden else f" and sliced from {va.hidden} to {vb.hidden} dims"))
     return (verdict, relation, changes, *rest)
-
-
-def residual_map(ra: WeightReader, rb: WeightReader, va: CanonicalView,
-                 vb: CanonicalView) -> tuple[np.ndarray, bool, float, int] | None:
-    """P (wide x narrow, orthonormal columns) with E_wide P ~ E_narrow on the tokens both vocabularies hold
-    (orthogonal Procrustes: P = U V^T of the SVD of E_wide^T E_narrow), whether the wide side is A, the mean row
-    cosine of the fit on held-out rows, and the number of rows fitted. None without enough shared rows.
-
-    Written out because scipy's orthogonal_procrustes fits square maps only; a sliced model needs a rectangular one.
-    """
-    ea, eb = va.globals.get("embed"), vb.globals.get("embed")
-    if ea is None or eb is None or len(ea.shape) != 2 or len(eb.shape) != 2:
-        return None
-    xa, xb = ra.get(ea.name), rb.get(eb.name)
-    ta, tb = ra.tokens, rb.tokens
-    if ta and tb:
-        pos_a = {t: i for i, t in enumerate(ta)}
-        shared = np.array([(pos_a[t], j) for j, t in enumerate(tb) if t in pos_a and pos_a[t] < len(xa)
-                           and j < len(xb)], dtype=np.int64).reshape(-1, 2)
-    else:
-        n = min(len(xa), len(xb))
-        shared = np.stack([np.arange(n), np.arange(n)], axis=1)
-    on_a = xa.shape[1] >= xb.shape[1]
-    wide, narrow = (xa, xb) if on_a else (xb, xa)
-    cols = (0, 1) if on_a else (1, 0)
-    if len(shared) < 4 * wide.shape[1]:   # too few rows to pin down ~hidden^2 / 2 free parameters
-        return None
-    order = np.random.default_rng(5).permutation(len(shared))
-    fit_rows = shared[order[:min(len(order) - len(order) // 8, 16384)]]
-    held = shared[order[-min(len(order) // 8, 4096):]]
-    # Centred rows: training moves every rarely seen token's row along one shared direction, which any map
-    # would line up between two unrelated models (held-out cosine 0.85 uncentred on two scratch models).
-    def centred(x, rows):
-        x = x[rows].astype(np.float32)
-        return x - x.mean(axis=0)
-    u, _, vt = np.linalg.svd(centred(wide, fit_rows[:, cols[0]]).T @ centred(narrow, fit_rows[:, cols[1]]),
-                             full_matrices=False)
-    P = (u @ vt).astype(np.float64)
-    cos = np.sum(_unit_rows(centred(wide, held[:, cols[0]]) @ P) * _unit_rows(centred(narrow, held[:, cols[1]])),
-                 axis=1)
-    return P, on_a, float(np.mean(cos)), len(fit_rows)
 
 
 def _compare_layers(ra, va, vb, fa: Fingerprint, fb: Fingerprint, layers: list[LayerMatch]) -> None:
