@@ -19,7 +19,7 @@ from taoke.errors import ModelError
 from taoke.formats import open_weights
 from taoke.formats.base import WeightReader
 from taoke.provenance.canonical import CanonicalView, canonical_view
-from taoke.provenance.verify import verify, weights_of
+from taoke.provenance.verify import reference_label, verify, weights_of
 
 MERGE_EXPLAINED = 0.9   # share of B's distance from a parent the parents must explain to call B their merge
 MIN_WEIGHT = 0.05       # a parent whose estimated weight is below this did not go into the merge
@@ -85,16 +85,11 @@ def merge_weights(b, parents: list) -> MergeEstimate:
         raise ModelError("a merge needs two or more candidate parents; give each with --parent")
     readers = [r if isinstance(r, WeightReader) else open_weights(r) for r in [b, *parents]]
     try:
-        return _estimate(readers, [_label(x) for x in [b, *parents]])
+        return _estimate(readers, [reference_label(x) for x in [b, *parents]])
     finally:
         for r, given in zip(readers, [b, *parents]):
             if r is not given:
                 r.close()
-
-
-def _label(ref) -> str:
-    name = getattr(ref, "name", None)
-    return str(name) if isinstance(name, str) else str(getattr(ref, "path", ref))
 
 
 def _estimate(readers: list[WeightReader], labels: list[str]) -> MergeEstimate:

@@ -451,7 +451,7 @@ def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True, 
         torch.set_num_threads(before)
 
 
-def _label(ref) -> str:
+def reference_label(ref) -> str:
     """What the user named: a BaseRef's name, a reader's path, or the reference string."""
     name = getattr(ref, "name", None)
     return str(name) if isinstance(name, str) else str(getattr(ref, "path", ref))
@@ -482,9 +482,9 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     if judged[0] != "derived":
         judged = _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence, judged)
     verdict, relation, changes, evidence, test, layers, vocab = judged
-    res = VerifyResult(_label(a), _label(b), verdict, test.p, relation, test.t_obs, test.mu, test.sd, test.z, layers,
-                       test.L, test.la, test.lb, va, vb, vocab, changes, evidence, time.perf_counter() - t0,
-                       test.p_permutation, test.n_null)
+    res = VerifyResult(reference_label(a), reference_label(b), verdict, test.p, relation, test.t_obs, test.mu,
+                       test.sd, test.z, layers, test.L, test.la, test.lb, va, vb, vocab, changes, evidence,
+                       time.perf_counter() - t0, test.p_permutation, test.n_null)
     for r in (ra, rb):
         if r is not a and r is not b:
             r.close()
@@ -763,8 +763,8 @@ def _ranges(ids: list[int]) -> str:
 
 
 def _no_evidence(a, b, va, vb, evidence, t0) -> VerifyResult:
-    return VerifyResult(_label(a), _label(b), "inconclusive", 1.0, "unknown", 0.0, 0.0, 0.0, 0.0, [], np.zeros((0, 0)),
-                        [], [], va, vb, {}, [], evidence, time.perf_counter() - t0)
+    return VerifyResult(reference_label(a), reference_label(b), "inconclusive", 1.0, "unknown", 0.0, 0.0, 0.0, 0.0, [],
+                        np.zeros((0, 0)), [], [], va, vb, {}, [], evidence, time.perf_counter() - t0)
 
 
 def weights_of(ref: str | BaseRef) -> BaseRef:
