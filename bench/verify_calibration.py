@@ -10,7 +10,7 @@ uniform (PNG), a Kolmogorov-Smirnov test, the false positive rate at each thresh
 from the panel (a parent fine-tuned on other text; the same, with its residual stream rotated), the smallest
 margin in z by which a derived pair clears the `derived` threshold.
 
-What p means here: the statistic's null is 40 residual permutations; p is the Gaussian tail of z against them.
+What p means here: the statistic's null is 40 residual permutations; p is the Student-t predictive tail of z against them.
 The draws themselves can only show p down to 1/41 (the permutation bound, reported too); below it the figure is
 the normal approximation's extrapolation, and p = 1e-300 is a floor, not a measurement.
 """
