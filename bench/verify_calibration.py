@@ -10,9 +10,9 @@ uniform (PNG), a Kolmogorov-Smirnov test, the false positive rate at each thresh
 from the panel (a parent fine-tuned on other text; the same, with its residual stream rotated), the smallest
 margin in z by which a derived pair clears the `derived` threshold.
 
-What p means here: the statistic's null is 40 residual permutations; p is the Student-t predictive tail of z against them.
-The draws themselves can only show p down to 1/41 (the permutation bound, reported too); below it the figure is
-the normal approximation's extrapolation, and p = 1e-300 is a floor, not a measurement.
+What p means here: the statistic's null is 40 residual permutations; p is the Student-t predictive tail of z against
+them, and where that lands between 1e-6 and 0.05 it is counted among 1000 draws instead. Below 1e-6 the figure is
+the tail's extrapolation beyond the draws (the permutation bound is reported too), not a measurement.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main() -> None:
     from scipy import stats
 
     from bench import verify_models as suite
-    from taoke.provenance.verify import DERIVED_P, INDEPENDENT_P, verify
+    from taoke.provenance.verify import AMBIGUOUS_P, DERIVED_P, INDEPENDENT_P, N_NULL, N_NULL_EXACT, verify
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -218,7 +218,9 @@ def main() -> None:
     png = ROOT / "bench" / "plots" / "verify_calibration_qq.png"
     png.parent.mkdir(exist_ok=True)
     qq_plot(ps, png)
-    z_derived = float(stats.norm.isf(DERIVED_P))
+    def z_at(p_value):   # the z whose Student-t predictive tail over N_NULL draws is p_value
+        return float(stats.t.isf(p_value, N_NULL - 1) * np.sqrt(1 + 1 / N_NULL))
+    z_derived = z_at(DERIVED_P)
     fpr = {t: float(np.mean(ps < t)) for t in THRESHOLDS}
     verdicts = {v: sum(r["verdict"] == v for r in rows) for v in ("derived", "related", "inconclusive", "independent")}
     plain = [d for d in derived if not d["rotation"]]
@@ -232,13 +234,15 @@ def main() -> None:
         + ".",
         f"- Verdicts on independent pairs: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()) + ".",
         f"- Largest z among independent pairs: {zs.max():.2f} (the `derived` threshold p < {DERIVED_P:g} is "
-        f"z > {z_derived:.2f}; `independent` needs p >= {INDEPENDENT_P:g}, z < {stats.norm.isf(INDEPENDENT_P):.2f}).",
+        f"z > {z_derived:.2f} on the tail of {N_NULL} draws; `independent` needs p >= {INDEPENDENT_P:g}, counted "
+        f"among {N_NULL_EXACT} draws once the tail falls below {AMBIGUOUS_P:g}, z < {z_at(AMBIGUOUS_P):.2f}).",
         f"- Smallest z among derived pairs: {min(d['z'] for d in plain):.1f} without rotation (margin "
         f"{min(d['z'] for d in plain) - z_derived:.1f} over the threshold); rotated ones are judged through a fitted "
         "map (their z is not a calibrated figure): "
         + ", ".join(f"{d['verdict']}" for d in derived if d["rotation"]) + ".",
-        f"- p below 1/41 = {1 / 41:.3f} is the normal approximation beyond the 40 null draws; the permutation bound "
-        f"(1 + draws at or above the statistic) / 41 is in `p_permutation`.",
+        f"- p below {AMBIGUOUS_P:g} comes from {N_NULL_EXACT} draws (counted, down to 1/{N_NULL_EXACT + 1}); below "
+        f"{DERIVED_P:g} it is the Student-t tail beyond {N_NULL} draws, which the draws themselves cannot show: the "
+        "permutation bound (1 + draws at or above the statistic) / (draws + 1) is in `p_permutation`.",
         f"- QQ plot: `bench/plots/{png.name}`.",
         "",
         "| A | B | verdict | z | p | p_permutation |",
