@@ -30,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import verify_models as suite  # noqa: E402  (the repo root must be on sys.path first)
+
 DATA = {
     "dialogs": ROOT / "data" / "chatterbot" / "dialogs.jsonl",
     "poems": ROOT / "data" / "poems-zh" / "poems.jsonl",
@@ -52,8 +54,6 @@ def tokenizer_dir(name: str, work: Path) -> Path:
 
     if name == "bert":
         return resolve("minilm-l6").path
-    from bench import verify_models as suite
-
     return suite.smollm2_hf(work)
 
 
@@ -80,26 +80,6 @@ def build_config(arch: str, hidden: int, layers: int, vocab: int):
                head_dim=32, max_position_embeddings=128, tie_word_embeddings=True)
 
 
-def train(model, ids, steps: int, lr: float, seed: int, batch: int = 8, seq: int = 64) -> list[float]:
-    """A plain AdamW loop over random windows of the token stream."""
-    import torch
-
-    n = (len(ids) - 1) // seq
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        x = torch.stack([ids[s:s + seq] for s in (torch.randint(0, n, (batch,), generator=g) * seq).tolist()])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
-
-
 def token_ids(data: str, tok: str, work: Path):
     import torch
     from transformers import AutoTokenizer
@@ -119,7 +99,7 @@ def panel_model(work: Path, spec: tuple, steps: int) -> Path:
     t, ids = token_ids(data, tok, work)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(arch, hidden, layers, len(t)))
-    losses = train(model, ids, steps, lr=1e-3, seed=seed)
+    losses = suite.train_on_ids(model, ids, steps, lr=1e-3, seed=seed)
     _save(model, t, d, {"spec": list(spec), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1]})
     return d
 
@@ -134,7 +114,7 @@ def child_model(work: Path, parent: Path, spec: tuple, data: str, steps: int) ->
 
     t, ids = token_ids(data, spec[5], work)
     model = AutoModelForCausalLM.from_pretrained(str(parent), dtype=torch.float32)
-    losses = train(model, ids, steps, lr=3e-4, seed=99)
+    losses = suite.train_on_ids(model, ids, steps, lr=3e-4, seed=99)
     _save(model, t, d, {"parent": parent.name, "data": data, "steps": steps, "loss_first": losses[0],
                         "loss_last": losses[-1]})
     return d
@@ -181,7 +161,6 @@ def main() -> None:
     import torch
     from scipy import stats
 
-    from bench import verify_models as suite
     from taoke.provenance.verify import AMBIGUOUS_P, DERIVED_P, INDEPENDENT_P, N_NULL, N_NULL_EXACT, verify
 
     torch.set_num_threads(args.threads)

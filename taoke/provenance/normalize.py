@@ -227,22 +227,31 @@ def _normalize_family(src, reader: WeightReader, view: CanonicalView, config: Pr
         reference.tie_weights()
     expected = _outputs(reference, config.vocab_size)
     cfg = {**config.to_dict(), "architectures": [type(reference).__name__]}
+    report = {"source": str(src), "output": str(dst), "family": config.model_type, "config": cfg,
+              "renamed": {k: v for k, v in names.items() if k != v}, "tensors": len(sd),
+              "probe_tokens": int(_probe_ids(config.vocab_size).shape[1])}
+    return _write_checked(dst, sd, cfg, src_dir, expected, type(reference), report, "outputs")
+
+
+def _write_checked(dst: Path, sd: dict, cfg: dict, src_dir: Path, expected: torch.Tensor, model_cls, report: dict,
+                   what: str) -> dict:
+    """Write weights, config and tokenizer files into a temporary directory, load it back with `model_cls` and
+    rename it to DST only when its outputs equal `expected`; the report (plus the difference) goes in too.
+    Empties `sd` once it is written."""
     with atomic_dir(dst) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
+        sd.clear()   # the source tensors are on disk now: free them before the written model is loaded back
         write_json_atomic(tmp / "config.json", cfg)
         for name in _TOKENIZER_FILES:
             if (src_dir / name).exists():
                 shutil.copyfile(src_dir / name, tmp / name)
-        got = _outputs(type(reference).from_pretrained(str(tmp), dtype=torch.float32).eval(), config.vocab_size)
+        got = _outputs(model_cls.from_pretrained(str(tmp), dtype=torch.float32).eval(), cfg["vocab_size"])
         diff = float((got - expected).abs().max())
         if diff != 0.0:
-            raise ModelError(f"normalized model's outputs differ from the source by up to {diff:.3g}; nothing was "
+            raise ModelError(f"normalized model's {what} differ from the source by up to {diff:.3g}; nothing was "
                              f"written to {dst}")
-        report = {"source": str(src), "output": str(dst), "family": config.model_type, "config": cfg,
-                  "renamed": {k: v for k, v in names.items() if k != v}, "tensors": len(sd),
-                  "probe_tokens": int(_probe_ids(config.vocab_size).shape[1]), "max_abs_logit_diff": diff,
-                  "identical_logits": True}
+        report = {**report, "max_abs_logit_diff": diff, "identical_logits": True}
         write_json_atomic(tmp / "normalize_report.json", report)
     return report
 
@@ -266,25 +275,8 @@ def normalize(src, dst: str | Path) -> dict:
     renamed = {slot.name: LLAMA_NAMES[slot.role].format(i=slot.layer) for slot in view.slots()}
     src_dir = reader.path if reader.path.is_dir() else reader.path.parent
     reader.close()
-    with atomic_dir(dst) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
-        write_json_atomic(tmp / "config.json", cfg)
-        for name in _TOKENIZER_FILES:
-            if (src_dir / name).exists():
-                shutil.copyfile(src_dir / name, tmp / name)
-        expected = reference_logits(reference, sd)
-        del sd
-        model = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
-        with torch.no_grad():
-            got = model(_probe_ids(cfg["vocab_size"])).logits
-        diff = float((got - expected).abs().max())
-        if diff != 0.0:
-            raise ModelError(f"normalized model's logits differ from the source by up to {diff:.3g}; nothing was "
-                             f"written to {dst}")
-        report = {"source": str(src), "output": str(dst), "family": view.family, "config": cfg,
-                  "renamed": {k: v for k, v in renamed.items() if k != v}, "tensors": len(renamed),
-                  "probe_tokens": int(_probe_ids(cfg["vocab_size"]).shape[1]), "max_abs_logit_diff": diff,
-                  "identical_logits": diff == 0.0}
-        write_json_atomic(tmp / "normalize_report.json", report)
-    return report
+    expected = reference_logits(reference, sd)
+    report = {"source": str(src), "output": str(dst), "family": view.family, "config": cfg,
+              "renamed": {k: v for k, v in renamed.items() if k != v}, "tensors": len(renamed),
+              "probe_tokens": int(_probe_ids(cfg["vocab_size"]).shape[1])}
+    return _write_checked(dst, sd, cfg, src_dir, expected, AutoModelForCausalLM, report, "logits")
