@@ -2,11 +2,14 @@
 fine-tuned) vs the unpruned derived model it was cut from: PyTorch fp32 CPU latency and throughput, test macro-F1.
 
     .venv/bin/python bench/prune_speed.py [--run RUN] [--pruned RUN] [--repeats 5] [--threads 2] [--heal-epochs 8]
+                                          [--distill 0.5]
 
 Without --run it derives text-topics into runs/bench-topics; a --pruned path that is not a run yet (default
 runs/bench-topics-pruned) is derived there from that run with `edits: [{prune: {mlp: 0.3, heads: 0.25, by: activation}}]`. Both
 models score the same rows in the two shapes of bench/export_speed.py (the test split as is, and each text
 repeated to 128 tokens): batch-1 p50/p95, batch-32 rows/s, interleaved rounds, medians with min-max.
+With --distill W a third model is healed the same way but with `train.distill: {teacher: base, weight: W}`: the
+unpruned run teaches the pruned one (Hinton-style soft targets, as Minitron heals its pruned models).
 Goal (issue 13): >= 1.3x faster at <= 2 points macro-F1 below the unpruned derived model.
 """
 
@@ -25,6 +28,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from export_speed import macro_f1, machine, measure, shapes  # noqa: E402
 
 
+PRUNE = "edits=[{prune: {mlp: 0.3, heads: 0.25, by: activation}}]"
+
+
 def ensure(run: Path | None, pruned: Path | None, heal_epochs: int) -> tuple[Path, Path]:
     import taoke
 
@@ -36,8 +42,20 @@ def ensure(run: Path | None, pruned: Path | None, heal_epochs: int) -> tuple[Pat
     if not taoke.Run.is_run(pruned):   # derived here when missing (a new path compares another heal length)
         taoke.derive(ROOT / "recipes" / "text-topics.yaml", out=pruned, quiet=True, overrides=[
             f"base={run}", "name=topics-pruned", f"train.epochs={heal_epochs}", "train.early_stopping=null",
-            "edits=[{prune: {mlp: 0.3, heads: 0.25, by: activation}}]"])
+            PRUNE])
     return run, pruned
+
+
+def ensure_distilled(run: Path, pruned: Path, heal_epochs: int, weight: float) -> Path:
+    """The same prune and heal, with the unpruned run as the teacher."""
+    import taoke
+
+    out = pruned.parent / f"{pruned.name}-kd{weight:g}"
+    if not taoke.Run.is_run(out):
+        taoke.derive(ROOT / "recipes" / "text-topics.yaml", out=out, quiet=True, overrides=[
+            f"base={run}", "name=topics-pruned-kd", f"train.epochs={heal_epochs}", "train.early_stopping=null",
+            PRUNE, f"train.distill={{teacher: base, weight: {weight}, temperature: 2.0}}"])
+    return out
 
 
 def taoke_epochs(run: Path) -> float:
@@ -53,6 +71,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heal-epochs", type=int, default=8)
+    ap.add_argument("--distill", type=float, default=0.0, help="also heal with the unpruned run as teacher (weight)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     from taoke.inference import load
@@ -60,6 +79,9 @@ def main() -> None:
     run, pruned = ensure(args.run, args.pruned, args.heal_epochs)
     torch.set_num_threads(args.threads)
     models = {"unpruned derived": load(run, device="cpu"), "pruned and healed": load(pruned, device="cpu")}
+    distilled = ensure_distilled(run, pruned, args.heal_epochs, args.distill) if args.distill else None
+    if distilled:
+        models[f"pruned, healed with distillation ({args.distill:g})"] = load(distilled, device="cpu")
     data = shapes(models["unpruned derived"])
     results = {(m, s): [] for m in models for s in data}
     for _ in range(args.repeats):
@@ -84,7 +106,8 @@ def main() -> None:
                          f"({min(thr):.0f}-{max(thr):.0f}) | {statistics.median(thr) / base:.2f}x | "
                          + (f"{f1:.4f}" if f1 is not None else "-") + " |")
     lines += ["", f"Re-run: `.venv/bin/python bench/prune_speed.py --run {run} --pruned {pruned} --repeats "
-                  f"{args.repeats} --threads {args.threads}`", ""]
+                  f"{args.repeats} --threads {args.threads}" + (f" --distill {args.distill:g}" if distilled else "")
+              + "`", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_append:

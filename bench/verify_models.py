@@ -28,7 +28,8 @@ def _save_hf(d: Path, sd: dict, cfg: dict, tokenizer_from: Path | None = None) -
                   metadata={"format": "pt"})
     write_json_atomic(d / "config.json", cfg)
     if tokenizer_from is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "generation_config.json"):
             if (tokenizer_from / name).exists():
                 shutil.copyfile(tokenizer_from / name, d / name)
     return d

@@ -81,7 +81,8 @@ def table(model: type[BaseModel], prefix: str) -> list[str]:
 def render() -> str:
     sections = [("Top level", R.Recipe, ""), ("data", R.DataConfig, "data."), ("data.split", R.SplitConfig, "data.split."),
                 ("adapt", R.AdaptConfig, "adapt."), ("train", R.TrainConfig, "train."),
-                ("train.early_stopping", R.EarlyStopping, "train.early_stopping."), ("eval", R.EvalConfig, "eval."),
+                ("train.early_stopping", R.EarlyStopping, "train.early_stopping."),
+                ("train.distill", R.Distill, "train.distill."), ("eval", R.EvalConfig, "eval."),
                 ("lm", R.LMConfig, "lm.")]
     lines = ["# Recipe reference", "",
              "Generated from `taoke/recipe.py` by `python docs/recipe_reference.py`; do not edit by hand "

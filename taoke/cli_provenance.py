@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from taoke.errors import ModelError
 from taoke.provenance.diff import diff
+from taoke.provenance.endpoint import verify_endpoint
 from taoke.provenance.merge import merge_lines, merge_report
 from taoke.provenance.normalize import normalize
 from taoke.provenance.signature import sign_run, verify_run_signature
@@ -27,19 +29,45 @@ def _print_json(obj) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("verify")
     def verify_cmd(a: str = typer.Argument(..., help="the claimed base (library name, directory or weight file)"),
-                   b: str = typer.Argument(..., help="the model to check"),
+                   b: Optional[str] = typer.Argument(None, help="the model to check (omit with --endpoint)"),
                    parent: list[str] = typer.Option([], "--parent",
                                                      help="another candidate parent (repeat): is B a merge of A "
                                                           "and these, with what weights?"),
+                   endpoint: Optional[str] = typer.Option(None, "--endpoint",
+                                                          help="API base of an OpenAI-compatible server (e.g. "
+                                                               "http://127.0.0.1:8000/v1): test the model behind it "
+                                                               "against A from its answers (weights unseen)"),
+                   control: list[str] = typer.Option([], "--control", help="with --endpoint: a model unrelated to A "
+                                                     "for the control panel (repeat; at least one)"),
+                   model: Optional[str] = typer.Option(None, "--model", help="with --endpoint: the model id "
+                                                       "(default: the endpoint's only model)"),
+                   api: str = typer.Option("chat", "--api", help="with --endpoint: chat | completions"),
+                   prompts: Optional[Path] = typer.Option(None, "--prompts", help="with --endpoint: prompt file, "
+                                                          "one a line (default: the built-in probe set)"),
+                   n_prompts: int = typer.Option(64, "--n-prompts", help="with --endpoint: prompts to send"),
+                   max_tokens: int = typer.Option(32, "--max-tokens", help="with --endpoint: tokens per answer"),
+                   rps: float = typer.Option(4.0, "--rps", help="with --endpoint: at most this many requests/s"),
+                   api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TAOKE_API_KEY",
+                                                         help="with --endpoint: bearer key (or TAOKE_API_KEY)"),
                    as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-        """Test from the weights whether B derives from A (or both share an ancestor)."""
-        res = verify_references(a, b)
+        """Test from the weights whether B derives from A (or both share an ancestor); with --endpoint, test the
+        model behind an API from its answers."""
+        if endpoint is not None:
+            if b is not None or parent:
+                raise ModelError("with --endpoint give one model, the claimed base: taoke verify --endpoint URL A "
+                                 "--control C [--control D ...]")
+            res = verify_endpoint(endpoint, a, control, model=model, prompts_file=prompts, n_prompts=n_prompts,
+                                  max_tokens=max_tokens, api=api, api_key=api_key, rps=rps, progress=not as_json)
+        elif b is None:
+            raise ModelError("give two models (taoke verify A B), or one with --endpoint URL")
+        else:
+            res = verify_references(a, b)
         if parent:
             res["merge"] = merge_report(b, [a, *parent])
         if as_json:
             _print_json(res)
             return
-        typer.echo(f"A = {a}\nB = {b}")
+        typer.echo(f"A = {a}\nB = {res['b'] if endpoint else b}")
         for line in summary_lines(res):
             typer.echo(line)
         if parent:

@@ -252,6 +252,16 @@ class EarlyStopping(Strict):
                                                 CLASSIFICATION_TASKS)
 
 
+class Distill(Strict):
+    """Knowledge distillation: the student also matches a teacher's outputs (e.g. healing a pruned model)."""
+    teacher: str = field("base", "base (the base as loaded, before the edits: a run with this task's head) or a "
+                                 "run directory with the same labels and inputs", CLASSIFICATION_TASKS)
+    weight: float = field(0.5, "share of the teacher term in the loss (the rest: the labels)", CLASSIFICATION_TASKS,
+                          gt=0.0, le=1.0)
+    temperature: float = field(2.0, "softmax temperature of both sides (classification; the term is scaled by its "
+                                    "square, as Hinton et al.)", CLASSIFICATION_TASKS, gt=0.0)
+
+
 class TrainConfig(Strict):
     """The optimisation."""
     epochs: float = field(3, "passes over the training split (ignored when max_steps is set)", gt=0)
@@ -270,6 +280,8 @@ class TrainConfig(Strict):
     dropout: float | None = field(None, "override the model's dropout (classifiers)", CLASSIFICATION_TASKS,
                                   ge=0.0, lt=1.0)
     early_stopping: EarlyStopping | None = field(None, "stop on a validation metric", CLASSIFICATION_TASKS)
+    distill: Distill | None = field(None, "learn from a teacher's outputs as well as the labels",
+                                    CLASSIFICATION_TASKS)
     seed: int = field(0, "seed of initialisation, shuffling and dropout")
     precision: Literal["auto", "fp32", "bf16"] = field(
         "auto", "auto: bf16 autocast where it measures faster on this machine, else fp32")
@@ -372,6 +384,8 @@ class Recipe(Strict):
                                      "train_only_new: false")
             if self.k_fold:
                 raise ValueError("k_fold applies to classification and regression tasks")
+            if self.train.distill is not None:
+                raise ValueError("train.distill applies to classification and regression tasks")
         elif any(op == "prune" for op, _ in self.steps("edits")):
             if self.task != "text-classification":
                 raise ValueError(f"edits.prune applies to transformer text classifiers and causal LMs, not {self.task}")

@@ -84,6 +84,12 @@ class Server:
         self.stop()
         raise AssertionError("server not ready in time")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 400) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

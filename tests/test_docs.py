@@ -13,7 +13,7 @@ def test_recipe_reference_matches_the_schema():
 
 def test_every_recipe_key_is_documented_with_a_meaning():
     text = OUT.read_text(encoding="utf-8")
-    models = [R.Recipe, R.DataConfig, R.SplitConfig, R.AdaptConfig, R.TrainConfig, R.EarlyStopping, R.EvalConfig,
+    models = [R.Recipe, R.DataConfig, R.SplitConfig, R.AdaptConfig, R.TrainConfig, R.EarlyStopping, R.Distill, R.EvalConfig,
               R.LMConfig, *R.PREPROCESS_STEPS.values(), *R.EDITS.values()]
     for model in models:
         for name, info in model.model_fields.items():

@@ -7,6 +7,7 @@ edits) runs before the run directory is created.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from taoke.evaluate.metrics import confusion, metrics_from_outputs
 from taoke.evaluate.plots import comparison_png, confusion_png, curves_png
 from taoke.evaluate.report import render_report
 from taoke.files import sha256_bytes
-from taoke.library import BaseRef
+from taoke.library import BaseRef, resolve
 from taoke.models.scratch import build_scratch
 from taoke.models.task_model import (HFClassifier, head_io, load_hf_classifier, load_task_model, save_task_model,
                                      scratch_kwargs)
@@ -61,6 +62,7 @@ class Built:
     edits: list[dict]
     edited: EditResult
     compression: list[tuple[str, dict]] = field(default_factory=list)   # prune: before / after, measured
+    teacher: torch.nn.Module | None = None                              # train.distill's teacher
 
 
 def check_base(recipe: Recipe, base: BaseRef) -> None:
@@ -143,6 +145,7 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan, measure: bool = F
     _, current_out = head_io(model)
     if not labels_changed and current_out != outputs:
         labels_changed = True
+    teacher = teacher_model(recipe, base, model, labels_changed, plan)
     arch_cfg = dict(arch_cfg)
     prunes = any(op == "prune" for op, _ in edits)
     test = encode_frame(plan.splits["test"], plan.spec, tokenizer) if measure and prunes and "test" in plan.splits \
@@ -160,7 +163,31 @@ def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan, measure: bool = F
                  parent_meta.get("attention_heads"))
     if heads:
         meta["attention_heads"] = heads
-    return Built(model, tokenizer, meta, edited.records, edited, compression)
+    return Built(model, tokenizer, meta, edited.records, edited, compression, teacher)
+
+
+def teacher_model(recipe: Recipe, base: BaseRef, model: torch.nn.Module, labels_changed: bool,
+                  plan: DataPlan) -> torch.nn.Module | None:
+    """train.distill's teacher: the base as loaded (a copy taken before the edits), or another run."""
+    cfg = recipe.train.distill
+    if cfg is None:
+        return None
+    if cfg.teacher == "base":
+        if base.format != "run" or labels_changed:
+            raise RecipeError("train.distill.teacher: base needs a base that already predicts these labels (a run "
+                              "of this task with the same labels, e.g. the run a prune edit cuts down); give a "
+                              "teacher run instead")
+        return copy.deepcopy(model).eval()
+    teacher, meta, _ = load_task_model(resolve(cfg.teacher).path)
+    if meta.get("labels") != plan.labels:
+        raise RecipeError(f"train.distill.teacher '{cfg.teacher}' predicts {meta.get('labels')}, not this "
+                          f"recipe's labels {plan.labels}")
+    if meta.get("inputs") != plan.spec["inputs"]:
+        differ = sorted(k for k in {*meta.get("inputs", {}), *plan.spec["inputs"]}
+                        if meta.get("inputs", {}).get(k) != plan.spec["inputs"].get(k))
+        raise RecipeError(f"train.distill.teacher '{cfg.teacher}' reads its inputs differently ({', '.join(differ)}); "
+                          "a teacher must take the same encoded inputs as the student")
+    return teacher.eval()
 
 
 def calibration_batches(plan: DataPlan, tokenizer, samples: int, seed: int):
@@ -246,7 +273,7 @@ def cross_validate(recipe: Recipe, base: BaseRef, plan: DataPlan, quiet: bool) -
         train_enc = encode_frame(fold_plan.splits["train"], built.meta, built.tokenizer)
         test_enc = encode_frame(fold_plan.splits["test"], built.meta, built.tokenizer)
         cfg = recipe.train.model_copy(update={"early_stopping": None})  # no validation split inside a fold
-        fit(built.model, train_enc, None, cfg, regression=plan.regression, quiet=True)
+        fit(built.model, train_enc, None, cfg, regression=plan.regression, quiet=True, teacher=built.teacher)
         out = predict(built.model, test_enc, recipe.eval.batch_size)
         units = lambda x: to_target_units(x, built.meta)  # noqa: E731
         m = metrics_from_outputs(units(out), units(test_enc.targets), plan.regression)
@@ -290,6 +317,8 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
     adaptation["trainable_params"] = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
     if adaptation["trainable_params"] == 0:
         raise RecipeError("the edits and adaptation leave no trainable parameters.")
+    if recipe.train.distill is not None:
+        adaptation["distill"] = recipe.train.distill.model_dump()
     if recipe.adapt.method in ("lora", "dora"):
         built.meta["adapter"] = {"method": recipe.adapt.method, "merged": recipe.adapt.merge, "base": base.reference}
     if dry_run:
@@ -325,7 +354,7 @@ def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, qui
         result = fit(built.model, encoded["train"], encoded.get("validation"), recipe.train, regression=regression,
                      evaluate=evaluate, augment=augment, on_epoch=lambda r: log({"type": "epoch", **r}),
                      on_step=lambda r: log({"type": "step", **r}), checkpoint_dir=run.checkpoint_dir,
-                     resume=resume is not None, quiet=quiet)
+                     resume=resume is not None, quiet=quiet, teacher=built.teacher)
         cv = cross_validate(recipe, base, plan, quiet) if recipe.k_fold else None
         # 5. evaluate derived and base on the same test split
         test_out = predict(built.model, encoded["test"], recipe.eval.batch_size)

@@ -24,6 +24,7 @@ from taoke.train.batches import Encoded, batch_indices, to_device
 from taoke.train.checkpoint import has_checkpoint, load_best, load_checkpoint, save_best, save_checkpoint
 from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler, optimizer_step, seed_everything,
                               total_steps, trainable)
+from taoke.train.distill import mixed_loss
 from taoke.train.embedding_rows import EmbeddingRowsHandle, compact_input_embedding
 from taoke.train.precision import PrecisionChoice, autocast, autocast_dtype, choose_precision
 
@@ -96,8 +97,11 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
         evaluate: Callable[[torch.Tensor, torch.Tensor], dict] | None = None,
         augment: Callable[[dict], dict] | None = None, on_epoch: Callable[[dict], None] | None = None,
         on_step: Callable[[dict], None] | None = None, checkpoint_dir: Path | None = None,
-        resume: bool = False, quiet: bool = False) -> FitResult:
+        resume: bool = False, quiet: bool = False, teacher: torch.nn.Module | None = None) -> FitResult:
     """Train `model` in place; at the end it holds the weights of the best validation epoch.
+
+    With `teacher` (and cfg.distill), the training loss mixes the labels with the teacher's outputs on the same
+    batch; validation loss stays the label loss, so early stopping judges the labels.
 
     With `checkpoint_dir`, the full state is saved every `cfg.checkpoint_every` optimizer steps and at
     each epoch end; `resume=True` continues from the last checkpoint there, bit-identically on CPU.
@@ -105,12 +109,16 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
+    if teacher is not None:
+        if cfg.distill is None:
+            raise ValueError("a teacher needs cfg.distill (weight, temperature)")
+        teacher.to(device).eval().requires_grad_(False)
     # Only the embedding rows the training text uses are trained; the result equals dense AdamW.
     rows = compact_input_embedding(model, train.ids, cfg.optimizer, cfg.weight_decay) if train.ids else None
     try:
         return _fit(model, train, val, cfg, regression=regression, evaluate=evaluate, augment=augment,
                     on_epoch=on_epoch, on_step=on_step, checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet,
-                    rows=rows)
+                    rows=rows, teacher=teacher)
     finally:
         if rows is not None:
             rows.restore()
@@ -118,7 +126,7 @@ def fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainC
 
 def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: TrainConfig, *, regression: bool,
          evaluate, augment, on_epoch, on_step, checkpoint_dir: Path | None, resume: bool, quiet: bool,
-         rows: EmbeddingRowsHandle | None) -> FitResult:
+         rows: EmbeddingRowsHandle | None, teacher: torch.nn.Module | None) -> FitResult:
     device = next(model.parameters()).device
     if device.type == "cpu":
         keep_freed_memory()
@@ -177,7 +185,13 @@ def _fit(model: torch.nn.Module, train: Encoded, val: Encoded | None, cfg: Train
                 targets = batch.pop("labels")
                 with autocast(device, dtype):
                     outputs = model(**batch)
-                loss = compute_loss(outputs, targets, regression) / cfg.grad_accum
+                    if teacher is not None:
+                        with torch.no_grad():
+                            taught = teacher(**batch)
+                loss = compute_loss(outputs, targets, regression)
+                if teacher is not None:
+                    loss = mixed_loss(loss, outputs, taught, regression, cfg.distill)
+                loss = loss / cfg.grad_accum
                 check_finite_loss(loss.item(), st.step + 1)
                 loss.backward()
                 st.running += loss.item() * cfg.grad_accum * len(idx)
