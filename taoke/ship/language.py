@@ -187,7 +187,7 @@ def check_gguf(gguf: Path, model, tok, held: HeldOut, quant: str, n_new: int = 3
     hf = transformers_gguf_check(gguf, held, ref_lp)
     if hf["perplexity_gap"] > PPL_TOLERANCE[quant]:
         problems.append(f"transformers' GGUF reader gives held-out perplexity {hf['perplexity']:.4f} vs "
-                        f"{ppl_ref:.4f} in taoke")
+                        f"{hf['taoke_perplexity']:.4f} in taoke on the same rows")
     report = {
         "reference": "taoke's own model (PyTorch fp32, the run's weights) vs llama.cpp (node-llama-cpp) and "
                      "transformers' GGUF reader, on the run's held-out examples",
