@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from tests.conftest import run_cli as cli
 from tests.serve_helpers import Server
 
 from taoke.provenance.endpoint import answer_similarity, holm, judge, load_prompts, sign_flip_p
@@ -121,21 +120,21 @@ def test_served_derived_model_is_found_and_unrelated_one_is_not(zoo):
 
 
 def test_endpoint_bad_input(zoo, free_port_url="http://127.0.0.1:9/v1"):
-    def run_cli(*args, **kw):    # one line of error, however rich wraps it
-        proc = cli(*args, **kw)
+    def failing(*args):    # the error as one line, however rich wraps it
+        proc = run_cli(*args, check=False)
         proc.stderr = " ".join(proc.stderr.split())
         return proc
 
-    proc = run_cli("verify", "--endpoint", free_port_url, zoo["base-0"], "--control", zoo["base-1"],
-                   "--n-prompts", "2", check=False)
+    proc = failing("verify", "--endpoint", free_port_url, zoo["base-0"], "--control", zoo["base-1"],
+                   "--n-prompts", "2")
     assert proc.returncode == 2 and "cannot reach the endpoint" in proc.stderr
-    proc = run_cli("verify", "--endpoint", free_port_url, zoo["base-0"], check=False)
+    proc = failing("verify", "--endpoint", free_port_url, zoo["base-0"])
     assert proc.returncode == 2 and "at least one control" in proc.stderr
-    proc = run_cli("verify", "--endpoint", free_port_url, zoo["base-0"], "--control", zoo["child-0"], check=False)
+    proc = failing("verify", "--endpoint", free_port_url, zoo["base-0"], "--control", zoo["child-0"])
     assert proc.returncode == 2 and "must not share REF's origin" in proc.stderr
-    proc = run_cli("verify", "--endpoint", "127.0.0.1:8000", zoo["base-0"], "--control", zoo["base-1"], check=False)
+    proc = failing("verify", "--endpoint", "127.0.0.1:8000", zoo["base-0"], "--control", zoo["base-1"])
     assert proc.returncode == 2 and "http(s) URL" in proc.stderr
-    proc = run_cli("verify", zoo["base-0"], check=False)
+    proc = failing("verify", zoo["base-0"])
     assert proc.returncode == 2 and "give two models" in proc.stderr
 
 
