@@ -10,7 +10,10 @@ unbatched greedy generation (`model.generate`, one prompt at a time). Levels and
 table reports medians with the min-max spread and the ratios to each peer.
 
 Two data shapes: short prompts (a dialog opening, ~35 tokens with the chat template) and long prompts (the
-same question after ~450 tokens of prior conversation).
+same question after ~450 tokens of prior conversation). The long prompts all resend one history, as the turns of
+a conversation or users of one system prompt do: taoke serve reuses its keys and values (prefix cache) where the
+other servers prefill it again. `--servers taoke-noprefix` adds taoke with the prefix cache off, which is what
+long prompts that share nothing get.
 
     .venv/bin/python bench/serve_load.py --run runs/sft-lora --clients 1 8 32 --repeats 3
     .venv/bin/python bench/serve_load.py --run runs/sft-lora --clients 1 8 --repeats 1 --shapes short --no-record
@@ -143,11 +146,11 @@ def start_servers(names: list[str], run: Path, args, logs: Path) -> list[Server]
     servers = []
     for name in names:
         port = free_port()
-        if name == "taoke":
+        if name in ("taoke", "taoke-noprefix"):
             cmd = [py, "-m", "taoke.cli", "serve", str(run), "--port", str(port), "--model-name", "model",
                    "--max-batch", str(max(args.clients)), "--max-queue", "256", "--timeout", "3600",
-                   "--audit-log", os.devnull]
-            servers.append(Server(name, cmd, "model", port, logs / "taoke.log", args.threads))
+                   "--audit-log", os.devnull] + (["--prefix-cache-mb", "0"] if name == "taoke-noprefix" else [])
+            servers.append(Server(name, cmd, "model", port, logs / f"{name}.log", args.threads))
         elif name == "hf":
             servers.append(Server(name, hf + ["--port", str(port)], model_dir, port, logs / "hf.log", args.threads))
         elif name == "hf-cb":
@@ -160,7 +163,7 @@ def start_servers(names: list[str], run: Path, args, logs: Path) -> list[Server]
         else:
             raise SystemExit(f"unknown server {name}")
     for s in servers:
-        s.wait_ready("/readyz" if s.name == "taoke" else "/v1/models")
+        s.wait_ready("/readyz" if s.name.startswith("taoke") else "/v1/models")
     return servers
 
 
@@ -329,7 +332,8 @@ def write_report(runs: dict, args, load_before, cut: str | None = None) -> None:
             f"prompts per shape, {args.repeats} interleaved repeat(s) (medians; tok/s spread min-max), "
             f"intra-op threads per server: {args.threads or 'library default'}. "
             f"Servers: {', '.join(args.servers)} (transformers serve --device cpu --dtype float32; hf-cb adds "
-            f"--continuous-batching with a paged cache sized for the clients). Machine: {os.cpu_count()} cores, {cpu}, "
+            f"--continuous-batching with a paged cache sized for the clients; taoke-noprefix: taoke serve "
+            f"--prefix-cache-mb 0). The long prompts share one ~450-token history. Machine: {os.cpu_count()} cores, {cpu}, "
             f"AVX512-BF16: {'avx512_bf16' in flags}, AMX: {'amx_bf16' in flags}, AVX2: {'avx2' in flags}; "
             f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (shared machine). "
             f"torch {torch.__version__}, transformers {transformers.__version__}. "

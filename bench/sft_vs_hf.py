@@ -1,4 +1,10 @@
-"""LoRA SFT of smollm2-135m: taoke's train_lm vs HF Trainer + PEFT (and TRL SFTTrainer when installed).
+"""Training smollm2-135m: taoke vs HF Trainer (+ PEFT) and TRL, in three methods (--method):
+
+- lora (default): LoRA SFT, taoke's train_lm vs HF Trainer + PEFT (and TRL SFTTrainer when installed);
+- full: full fine-tuning SFT, the same peers without adapters;
+- dpo: DPO with LoRA, taoke's train_dpo vs TRL DPOTrainer (peers taoke,trl,trl-bf16) on
+  data/chatterbot-lm/dpo_pairs.jsonl; held-out DPO loss and preference accuracy from one evaluator
+  (taoke.lm.dpo.evaluate_dpo) for every peer.
 
 Same model, data (every 10th example held out), assistant-only labels, LoRA config, sequence length, batch
 size (rows per step), steps, lr and schedule. Two data shapes: `--data chatterbot` (short dialog turns,
@@ -9,6 +15,8 @@ exact per-token mean) for every peer. Prints a markdown table and appends it to 
     .venv/bin/python bench/sft_vs_hf.py --steps 40 --threads 2 --peers taoke,hf --repeat 3
     .venv/bin/python bench/sft_vs_hf.py --steps 40 --threads 2 --peers taoke,hf --repeat 3 --compile true --cold-cache
     .venv/bin/python bench/sft_vs_hf.py --data poems --batch 8 --steps 20 --threads 2 --dropout 0.05 --repeat 3
+    .venv/bin/python bench/sft_vs_hf.py --method full --lr 2e-5 --data poems --batch 8 --steps 20 --threads 2
+    .venv/bin/python bench/sft_vs_hf.py --method dpo --peers taoke,trl,trl-bf16 --lr 5e-5 --batch 8 --steps 20
 
 The machine's speed drifts (shared cores), so --repeat interleaves the peers and the table reports medians,
 the per-run ratios and every run. "steady" tokens/s leave out the first steps (warm-up, compiling).
@@ -36,7 +44,14 @@ DATA = {"chatterbot": ROOT / "data" / "chatterbot" / "dialogs.jsonl", "poems": R
 # lora_dropout defaults to 0, the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml (--dropout sets it)
 LORA = dict(r=16, alpha=32)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DPO_DATA = ROOT / "data" / "chatterbot-lm" / "dpo_pairs.jsonl"
+BETA = 0.1  # DPO temperature, TRL's default and the recipe's
+# FLOP per trained token: forward 2N, input gradients 2N, weight gradients 2N where the weights train; DPO with
+# LoRA adds the reference model's forward (adapters off) over the same tokens
+FLOP_PER_TOKEN = {"lora": 4, "full": 6, "dpo": 6}
 SKIP_STEPS = 5  # steady-state tokens/s starts after this many optimizer steps, for every peer
+# --isa avx2: this CPU made to run as an AVX2-only one would (no AVX512, bf16 emulated), for every peer alike
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def rows_and_heldout(tok, seq_len, data):
@@ -65,14 +80,11 @@ def worker(peer: str, args) -> dict:
     from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
 
     model, tok = load_causal_lm("smollm2-135m", device="cpu")
+    if args.method == "dpo":
+        return dpo_worker(peer, args, model, tok)
     train, held = rows_and_heldout(tok, args.seq_len, args.data)
     # the recipe blocks a taoke run of this benchmark would hold
-    train_cfg = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, warmup_ratio=0.1,
-                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=0, threads=args.threads,
-                            precision="fp32" if peer == "taoke-fp32" else "auto")
-    lm_cfg = LMConfig(seq_len=args.seq_len, compile=args.compile)
-    adapt_cfg = AdaptConfig(method="lora", target_modules=TARGETS, r=LORA["r"], alpha=LORA["alpha"],
-                            dropout=args.dropout)
+    train_cfg, lm_cfg, adapt_cfg = recipe_blocks(peer, args)
     marks = []  # (seconds since training started, tokens so far) at the end of each optimizer step
     compiled = False
     if peer.startswith("taoke"):
@@ -81,15 +93,64 @@ def worker(peer: str, args) -> dict:
         hist = train_lm(model, tok, train, train_cfg, lm_cfg, progress=False,
                         on_step=lambda row: marks.append((time.perf_counter() - t0, row["tokens"])))
         tokens, seconds, examples, model, compiled = hist.tokens, hist.seconds, None, hist.model, hist.compiled
+        precision = hist.precision
     else:
         tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args, marks)
+        precision = "bf16" if peer.endswith("-bf16") else "fp32"
     train_rss = peak_rss_mb()  # the peak up to the end of training, before the shared evaluation
     held_loss = evaluate_lm(model, held, tok.pad_token_id, args.seq_len, batch_size=4)["loss"]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "steady_tokens_per_s": steady_rate(marks), "compiled": compiled,
+            "steady_tokens_per_s": steady_rate(marks), "compiled": compiled, "precision": precision,
             "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss,
             "examples": examples, "params": n_params}
+
+
+def recipe_blocks(peer, args):
+    """The train, lm and adapt blocks a taoke recipe of this benchmark would hold."""
+    from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
+
+    train_cfg = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, warmup_ratio=0.1,
+                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=0, threads=args.threads,
+                            precision="fp32" if peer == "taoke-fp32" else "auto")
+    lm_cfg = LMConfig(seq_len=args.seq_len, compile=args.compile, beta=BETA)
+    adapt_cfg = (AdaptConfig(method="full") if args.method == "full" else
+                 AdaptConfig(method="lora", target_modules=TARGETS, r=LORA["r"], alpha=LORA["alpha"],
+                             dropout=args.dropout))
+    return train_cfg, lm_cfg, adapt_cfg
+
+
+def dpo_split() -> tuple[list[dict], list[dict]]:
+    from taoke.lm.data import read_dpo_pairs
+
+    pairs = read_dpo_pairs(DPO_DATA)
+    return [p for i, p in enumerate(pairs) if i % 10], [p for i, p in enumerate(pairs) if i % 10 == 0]
+
+
+def dpo_worker(peer: str, args, model, tok) -> dict:
+    from taoke.adapt.language import adapt_lm
+    from taoke.lm.dpo import encode_pairs, evaluate_dpo, train_dpo
+
+    train, held = dpo_split()
+    marks = []
+    if peer.startswith("taoke"):
+        train_cfg, lm_cfg, adapt_cfg = recipe_blocks(peer, args)
+        model, _ = adapt_lm(model, adapt_cfg)
+        t0 = time.perf_counter()
+        hist = train_dpo(model, tok, encode_pairs(tok, train, args.seq_len), train_cfg, lm_cfg,
+                         on_step=lambda row: marks.append((time.perf_counter() - t0, row["tokens"])))
+        tokens, seconds, model, precision = hist.tokens, hist.seconds, hist.model, hist.precision
+    else:
+        tokens, seconds, model = _trl_dpo(peer, model, tok, train, args, marks)
+        precision = "bf16" if peer.endswith("-bf16") else "fp32"
+    train_rss = peak_rss_mb()
+    ev = evaluate_dpo(model, tok, encode_pairs(tok, held, args.seq_len), beta=BETA)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "steady_tokens_per_s": steady_rate(marks), "compiled": False, "precision": precision,
+            "held_out_loss": ev["dpo_loss"],
+            "preference_acc": ev["preference_acc"], "reward_acc": ev["reward_acc"], "peak_rss_mb": peak_rss_mb(),
+            "train_peak_rss_mb": train_rss, "examples": args.steps * args.batch, "params": n_params}
 
 
 def steady_rate(marks: list[tuple[float, int]], skip: int = SKIP_STEPS) -> float:
@@ -128,26 +189,65 @@ def _step_marks(counter: "_TokenCounter", marks: list, t0: list[float]):
     return Marks()
 
 
+def _hf_args(peer, args) -> dict:
+    """TrainingArguments shared by every HF/TRL peer: the recipe's schedule, the peer's own defaults otherwise."""
+    return dict(output_dir="/tmp/taoke-bench-hf", per_device_train_batch_size=args.batch, max_steps=args.steps,
+                learning_rate=args.lr, warmup_steps=int(0.1 * args.steps), lr_scheduler_type="cosine",
+                max_grad_norm=1.0, weight_decay=0.0, logging_steps=max(1, args.steps // 4), save_strategy="no",
+                report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                bf16=peer.endswith("-bf16"))
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=TARGETS,
+                      task_type="CAUSAL_LM")
+
+
+def _timed_train(trainer, counter, marks, steps):
+    """Run trainer.train() with step marks; (non-padding tokens of the trained steps, seconds)."""
+    t0 = [0.0]
+    trainer.add_callback(_step_marks(counter, marks, t0))
+    t0[0] = time.perf_counter()
+    trainer.train()
+    return sum(counter.per_batch[:steps]), time.perf_counter() - t0[0]
+
+
+def _trl_dpo(peer, model, tok, train, args, marks):
+    """TRL's DPOTrainer with the same LoRA, data and schedule; the reference is the model with adapters off."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in train])
+    trainer = DPOTrainer(model=model, args=DPOConfig(**_hf_args(peer, args), beta=BETA, max_length=args.seq_len),
+                         train_dataset=ds, processing_class=tok, peft_config=_lora_config())
+    counter = _TokenCounter()
+    trainer.data_collator = counter(trainer.data_collator)
+    tokens, seconds = _timed_train(trainer, counter, marks, args.steps)
+    return tokens, seconds, trainer.model
+
+
 def _hf_train(peer, model, tok, train, args, marks):
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     # completion_mask carries the assistant-only loss mask into TRL's collator (it rebuilds labels from it)
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"],
                              "attention_mask": [1] * len(r["input_ids"]),
                              "completion_mask": [int(x != -100) for x in r["labels"]]} for r in train])
-    common = dict(output_dir="/tmp/taoke-bench-hf", per_device_train_batch_size=args.batch, max_steps=args.steps,
-                  learning_rate=args.lr, warmup_steps=int(0.1 * args.steps), lr_scheduler_type="cosine",
-                  max_grad_norm=1.0, weight_decay=0.0, logging_steps=max(1, args.steps // 4), save_strategy="no",
-                  report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-                  bf16=peer.endswith("-bf16"))
+    common = _hf_args(peer, args)
     counter = _TokenCounter()
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=args.dropout, target_modules=TARGETS,
-                      task_type="CAUSAL_LM")
+    lora = _lora_config()
+    lora.lora_dropout = args.dropout
+    if args.method == "full":
+        lora = None
     if peer in ("hf", "hf-bf16"):
         ds = ds.remove_columns("completion_mask")
-        model = get_peft_model(model, lora)
+        if lora is not None:
+            model = get_peft_model(model, lora)
         collate = counter(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=ds, data_collator=collate)
     else:
@@ -158,12 +258,8 @@ def _hf_train(peer, model, tok, train, args, marks):
                              train_dataset=ds, processing_class=tok, peft_config=lora)
         trainer.data_collator = counter(trainer.data_collator)
         model = trainer.model
-    t0 = [0.0]
-    trainer.add_callback(_step_marks(counter, marks, t0))
-    t0[0] = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0[0]
-    return sum(counter.per_batch[:args.steps]), seconds, args.steps * args.batch, trainer.model
+    tokens, seconds = _timed_train(trainer, counter, marks, args.steps)
+    return tokens, seconds, args.steps * args.batch, trainer.model
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -188,7 +284,8 @@ def run_peer(peer, args) -> dict:
     out = Path(f"/tmp/taoke-bench-{peer}-{os.getpid()}.json")
     cmd = [sys.executable, __file__, "--worker", peer, "--out", str(out), "--steps", str(args.steps),
            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
-           "--threads", str(args.threads), "--compile", args.compile, "--data", args.data, "--dropout", str(args.dropout)]
+           "--threads", str(args.threads), "--compile", args.compile, "--data", args.data, "--dropout", str(args.dropout),
+           "--method", args.method]
     env, cache = dict(os.environ), None
     if args.cold_cache:  # inductor's on-disk cache starts empty: the compile is paid in full in this run
         cache = env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="taoke-bench-inductor-")
@@ -212,17 +309,25 @@ def main():
     ap.add_argument("--peers", default="taoke,hf,hf-bf16,trl",
                     help="hf: HF Trainer+PEFT defaults (fp32); hf-bf16: the same with bf16=True; "
                          "taoke-fp32: taoke with train.precision fp32")
-    ap.add_argument("--data", default="chatterbot", choices=sorted(DATA))
+    ap.add_argument("--method", default="lora", choices=sorted(FLOP_PER_TOKEN),
+                    help="lora: LoRA SFT; full: full fine-tuning SFT; dpo: DPO with LoRA on the chatterbot pairs "
+                         "(peers taoke,trl,trl-bf16; the ratios are against trl)")
+    ap.add_argument("--data", default="chatterbot", choices=sorted(DATA), help="SFT data (lora, full)")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, the same for every peer")
     ap.add_argument("--compile", default="false", choices=["auto", "true", "false"],
                     help="taoke's train.compile (torch.compile of the decoder layers)")
     ap.add_argument("--cold-cache", action="store_true", help="give every run an empty torch.compile cache")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the peers this many times, interleaved, and report medians (the machine drifts)")
+    ap.add_argument("--isa", default="native", choices=["native", "avx2"],
+                    help="avx2: cap oneDNN, ATen and MKL at AVX2 (bf16 then emulated) in every process, to measure "
+                         "what a CPU without AVX512 and native bf16 gets")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.isa == "avx2":   # before torch loads: the workers inherit it, the matmul peak below runs under it
+        os.environ.update(AVX2_ONLY)
     if args.worker:
         Path(args.out).write_text(json.dumps(worker(args.worker, args)))
         return
@@ -233,7 +338,8 @@ def main():
     import transformers
     import peft
 
-    peers = [p for p in args.peers.split(",") if p != "trl" or importlib.util.find_spec("trl")]
+    peers = [p for p in args.peers.split(",") if not p.startswith("trl") or importlib.util.find_spec("trl")]
+    load_before = os.getloadavg()[0]
     # the peak is taken before and after the runs and the higher kept: one slow spell must not inflate MFU
     peaks = [(matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32"))]
     runs = {p: [] for p in peers}
@@ -242,33 +348,38 @@ def main():
             runs[p].append(run_peer(p, args))
     peaks.append((matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32")))
     peak_bf16, peak_fp32 = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    from taoke.hardware import cpu_has_bf16
+    from taoke.hardware import KERNEL_FLAGS, cpu_flags, cpu_has_bf16
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
 
     ok = {p: [r for r in rs if "error" not in r] for p, rs in runs.items()}
-    hf = ok.get("hf") or []
-    lines = ["| peer | non-pad tokens/s | vs HF | steady tokens/s | steady vs HF | per-run steady vs HF | "
-             "MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB training | peak RSS MB incl. eval | held-out loss | "
-             "tokens seen |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    baseline = "trl" if args.method == "dpo" else "hf"   # the peer every ratio is against
+    hf = ok.get(baseline) or []
+    loss_name = "held-out DPO loss | held-out preference acc" if args.method == "dpo" else "held-out loss"
+    lines = [f"| peer | non-pad tokens/s | vs {baseline} | steady tokens/s | steady vs {baseline} | per-run steady "
+             f"vs {baseline} | MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB training | peak RSS MB incl. eval | "
+             f"{loss_name} | tokens seen |", "|---|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if args.method == "dpo" else "")]
     for p in peers:
         rs = ok[p]
         if not rs:
-            lines.append(f"| {p} | failed: {runs[p][0]['error']} |" + " |" * 11)
+            lines.append(f"| {p} | failed: {runs[p][0]['error']} |" + " |" * (11 + (args.method == "dpo")))
             continue
         rate, steady = med(rs, "tokens_per_s"), med(rs, "steady_tokens_per_s")
         ratio = rate / med(hf, "tokens_per_s") if hf else float("nan")
         steady_ratio = steady / med(hf, "steady_tokens_per_s") if hf else float("nan")
-        per_run = [a["steady_tokens_per_s"] / b["steady_tokens_per_s"] for a, b in zip(runs[p], runs.get("hf", []))
+        per_run = [a["steady_tokens_per_s"] / b["steady_tokens_per_s"] for a, b in zip(runs[p], runs.get(baseline, []))
                    if "error" not in a and "error" not in b]
         spread = f"{min(per_run):.2f}-{max(per_run):.2f}x" if per_run else ""
-        # LoRA: 4N FLOP per token (forward 2N, input gradients 2N; frozen weights need no weight gradients)
-        flops = 4 * rs[0]["params"] * steady
-        name = p + (" (compiled)" if rs[0].get("compiled") else "")
+        flops = FLOP_PER_TOKEN[args.method] * rs[0]["params"] * steady
+        quality = f"{med(rs, 'held_out_loss'):.4f}"
+        if args.method == "dpo":
+            quality += f" | {med(rs, 'preference_acc'):.3f}"
+        name = f"{p} ({rs[0]['precision']}{', compiled' if rs[0].get('compiled') else ''})"
         lines.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {steady:.1f} | {steady_ratio:.2f}x | {spread} | "
                      f"{flops / peak_bf16:.1%} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
-                     f"{max(r['peak_rss_mb'] for r in rs):.0f} | {med(rs, 'held_out_loss'):.4f} | {rs[0]['tokens']} |")
+                     f"{max(r['peak_rss_mb'] for r in rs):.0f} | {quality} | {rs[0]['tokens']} |")
     lines.append("")
     for p in peers:  # every run, so the spread behind the medians is on record
         lines.append(f"- {p} per run (tokens/s, steady tokens/s): " + ", ".join(
@@ -276,18 +387,34 @@ def main():
             for r in runs[p]))
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    head = (f"\n## sft_vs_hf — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
-            f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all linear "
-            f"projections), data {args.data} ({DATA[args.data].relative_to(ROOT)}), "
+    what = {"lora": f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all "
+                    f"linear projections), data {args.data} ({DATA[args.data].relative_to(ROOT)})",
+            "full": f"Full fine-tuning SFT smollm2-135m, data {args.data} ({DATA[args.data].relative_to(ROOT)})",
+            "dpo": f"DPO (beta {BETA}) with LoRA smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout 0, all "
+                   f"linear projections), pairs {DPO_DATA.relative_to(ROOT)} (every 10th held out); batch = pairs, "
+                   f"tokens = chosen + rejected"}[args.method]
+    head = (f"\n## sft_vs_hf --method {args.method} — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
+            f"{what}, "
             f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, threads={args.threads}, "
             f"taoke compile={args.compile}{' (cold cache)' if args.cold_cache else ''}, {args.repeat} interleaved run(s) per peer (medians; RSS: the largest). "
             f"Machine: {os.cpu_count()} cores, {cpu}, native bf16: {cpu_has_bf16()}; "
-            f"matmul peak bf16 {peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. "
+            + (f"run as an AVX2-only CPU ({', '.join(f'{k}={v}' for k, v in AVX2_ONLY.items())}: no AVX512, bf16 "
+               f"emulated; the fp32 peak is the one that counts); " if args.isa == "avx2" else "")
+            + f"matmul peak bf16 {peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. "
             f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
-            + (f", trl {__import__('trl').__version__}" if "trl" in peers else "") + ".\n"
-            "taoke packs rows of seq_len tokens; HF/TRL pad each batch of examples to its longest, so at equal "
-            "steps and batch taoke sees more tokens. Held-out loss: same evaluator for all. tokens/s: whole "
-            f"training call; steady: from the end of step {SKIP_STEPS} on (warm-up and compiling left out).\n\n")
+            + (f", trl {__import__('trl').__version__}" if any(p.startswith("trl") for p in peers) else "") + ".\n"
+            + ("DPO: TRL pads each batch of pairs to its longest sequence; taoke packs the chosen and rejected "
+               "sequences into rows of seq_len tokens (lm.packing, its default), each attending only to itself. "
+               "Held-out DPO loss and preference accuracy: same evaluator (taoke.lm.dpo.evaluate_dpo, padded) for "
+               "all. " if args.method == "dpo" else
+               "taoke packs rows of seq_len tokens; HF/TRL pad each batch of examples to its longest, so at equal "
+               "steps and batch taoke sees more tokens. Held-out loss: same evaluator for all. ")
+            + f"MFU: {FLOP_PER_TOKEN[args.method]}N FLOP per token (the matmul precision each peer trained in is "
+              "beside its name; a run in bf16 can pass 100% of the fp32 peak). tokens/s: whole training call; "
+              "steady: from the "
+              f"end of step {SKIP_STEPS} on (warm-up and compiling left out). CPU flags: "
+              f"{', '.join(sorted(set(KERNEL_FLAGS) & cpu_flags()))}; load average before / after: {load_before:.1f} / "
+              f"{os.getloadavg()[0]:.1f}.\n\n")
     text = head + "\n".join(lines) + "\n"
     print(text)
     if args.no_record:

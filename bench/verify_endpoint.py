@@ -28,10 +28,8 @@ import datetime as dt
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import verify_calibration as cal  # noqa: E402  (the repo root must be on sys.path first)
 from bench import verify_models as suite  # noqa: E402
+from bench.serve_load import Server, free_port  # noqa: E402
 
 # (arch, hidden, layers, seed, data, tokenizer) of the from-scratch bases: all with SmolLM2's tokenizer, so that
 # each can answer the chat prompts through SmolLM2's chat template
@@ -107,39 +106,23 @@ def local(name: str, d: Path, prompts, args, cache: Path) -> list[str]:
     return answers
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(server: str, d: Path, log: Path):
-    """A server on a free loopback port; returns (process, API base URL, model id) once it answers."""
+def serve(server: str, d: Path, log: Path) -> tuple[Server, str, str]:
+    """A server on a free loopback port; returns (server, API base URL, model id) once it answers."""
     port, py = free_port(), sys.executable
     if server == "taoke":
         cmd = [py, "-m", "taoke.cli", "serve", str(d), "--port", str(port), "--model-name", "shell",
                "--audit-log", os.devnull]
-        model, ready = "shell", f"http://127.0.0.1:{port}/readyz"
+        proc, ready = Server(server, cmd, "shell", port, log, threads=None), "/readyz"
     else:
         cmd = [str(Path(py).parent / "transformers"), "serve", str(d), "--device", "cpu", "--dtype", "float32",
                "--host", "127.0.0.1", "--port", str(port)]
-        model, ready = str(d), f"http://127.0.0.1:{port}/v1/models"
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"{server} serve exited ({proc.returncode}); see {log}")
-        try:
-            with urllib.request.urlopen(ready, timeout=2) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}/v1", model
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"{server} serve not ready in 600 s; see {log}")
+        proc, ready = Server(server, cmd, str(d), port, log, threads=None), "/v1/models"
+    try:
+        proc.wait_ready(ready)
+    except RuntimeError as e:
+        proc.stop()
+        raise SystemExit(f"{server} serve: {e}") from None
+    return proc, proc.url + "/v1", proc.model_id
 
 
 def main() -> None:
@@ -180,8 +163,7 @@ def main() -> None:
                                    progress=False)
             asked = time.perf_counter() - t0
         finally:
-            proc.terminate()
-            proc.wait(timeout=120)
+            proc.stop()
         for ref in roots:
             panel = {c: base_answers[c] for c in roots if c not in (ref, origin)}
             res = judge(answers, base_answers[ref], panel, tok[ref], args.max_tokens)

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, "--max-batch", help="requests decoded together"),
         max_queue: int = typer.Option(64, "--max-queue", help="requests that may wait for a batch slot before 429"),
         max_model_len: Optional[int] = typer.Option(None, "--max-model-len", help="prompt + completion tokens"),
+        prefix_cache_mb: int = typer.Option(256, "--prefix-cache-mb", min=0, help="memory for the keys/values of "
+                                            "recent prompts, reused by prompts that start alike (0: off)"),
         max_tokens: int = typer.Option(1024, "--max-tokens", help="most tokens one request may generate"),
         max_body: int = typer.Option(1 << 20, "--max-body-bytes", help="largest request body"),
         timeout: float = typer.Option(300.0, "--timeout", help="seconds a request may take, queueing included"),
@@ -60,6 +62,7 @@ def register(app: typer.Typer) -> None:
         opts = ServeOptions(host=host, port=port, api_keys=api_keys, rate_limit=rate_limit, model_name=model_name,
                             engine=engine, upstream=upstream, upstream_model=upstream_model, vllm_args=vllm_arg,
                             key_file=key_file, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
+                            prefix_cache_mb=prefix_cache_mb,
                             max_tokens=max_tokens, max_body_bytes=max_body, timeout_s=timeout, drain_s=drain,
                             cors_origins=list(cors_origin), audit_log=audit_log,
                             audit_prompts=audit_prompts, device=device)

@@ -34,9 +34,20 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
+# oneDNN's ISA caps below its first bf16 ISA: with ONEDNN_MAX_CPU_ISA (or the older DNNL_ name) set to one of these,
+# torch's bf16 matmuls are emulated even on a CPU that has AVX512-BF16 or AMX (users set it to pin kernels)
+ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def isa_cap() -> str | None:
+    """The oneDNN ISA cap set in the environment, upper-cased (None when unset)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap else None
+
+
 def cpu_has_bf16() -> bool:
-    """True when the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX)."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    """True when the CPU executes bf16 matmuls natively (AVX512-BF16 or AMX) and no oneDNN ISA cap forbids them."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"}) and isa_cap() not in ISA_CAPS_WITHOUT_BF16
 
 
 def cpu_model() -> str:
@@ -66,6 +77,8 @@ def runtime_record(device: torch.device) -> dict:
     """How this process runs: device, CPU model and kernel flags, cores, threads, library versions."""
     rec = {"device": str(device), "cpu": cpu_model(), "cpu_flags": sorted(set(KERNEL_FLAGS) & cpu_flags()),
            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+           # the vector ISA ATen dispatches to, and any oneDNN cap: why the same CPU can run slower kernels
+           "kernels": {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_isa_cap": isa_cap()},
            "versions": {p: _version(p) for p in ("torch", "transformers", "peft")}}
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)

@@ -316,7 +316,8 @@ class EvalConfig(Strict):
 class LMConfig(Strict):
     """Options of the language-model tasks."""
     seq_len: int = field(512, "tokens per row; longer examples are cut", LM_TASKS, gt=8)
-    packing: bool = field(True, "pack several examples per row (none attends to another)", ("causal-lm", "sft"))
+    packing: bool = field(True, "pack several examples (dpo: chosen and rejected sequences) per row, none attending "
+                                "to another", ("causal-lm", "sft", "dpo"))
     chat_template: str | None = field(None, "the tokenizer's own when null; chatml | plain | a Jinja string",
                                       LM_TASKS)
     separator: str | None = field(None, "split text files into documents on this string", ("causal-lm",))

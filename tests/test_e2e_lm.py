@@ -44,6 +44,7 @@ def check_runtime(lin, out, steps):
     assert set(rt["cpu_flags"]) == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                                     "amx_int8", "avx_vnni"} & set(flags)
     assert rt["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and rt["threads"] == 1  # the recipe's
+    assert rt["kernels"]["aten"] == torch.backends.cpu.get_cpu_capability()
     assert rt["versions"]["torch"] == torch.__version__ and rt["steps"] == steps
     native = bool({"avx512_bf16", "amx_bf16"} & set(flags))
     p = rt["precision"]

@@ -223,7 +223,7 @@ def test_parity_check_catches_changed_weight_and_lost_template(tok, tmp_path):
 # ---------------------------------------------------------------------------------------------- DPO, predict
 
 def test_dpo_loss_and_sequence_logprobs(tok):
-    from taoke.lm.dpo import _pair_batch, dpo_loss, encode_pairs, sequence_logprobs
+    from taoke.lm.dpo import dpo_loss, encode_pairs, pair_batch, sequence_logprobs
 
     z = torch.zeros(3)
     loss, acc, _ = dpo_loss(z, z, z, z, beta=0.1)
@@ -233,11 +233,44 @@ def test_dpo_loss_and_sequence_logprobs(tok):
 
     model = tiny_llama()
     pairs = encode_pairs(tok, read_dpo_pairs("data/chatterbot-lm/dpo_pairs.jsonl")[:2], 128)
-    batch = _pair_batch(pairs, tok.pad_token_id, "cpu")
+    batch = pair_batch(pairs, tok.pad_token_id, "cpu")
     with torch.no_grad():
         lp = sequence_logprobs(model, batch)
         ref, n = reference_loss_sum(model, {k: batch[k][:1] for k in batch})
     assert lp.shape == (4,) and lp[0].item() == pytest.approx(-ref.item(), rel=1e-5)
+
+
+def test_packed_dpo_pairs_give_each_sequence_the_log_prob_it_has_alone(tok):
+    """Chosen and rejected sequences packed several to a row (each attending only to itself) score what each
+    scores alone in a batch of one, in the same order (chosen first), with far fewer padded positions."""
+    from taoke.lm.dpo import encode_pairs, pair_batch, sequence_logprobs
+
+    model = tiny_llama()
+    pairs = encode_pairs(tok, read_dpo_pairs("data/chatterbot-lm/dpo_pairs.jsonl")[:8], 256)
+    packed = pair_batch(pairs, tok.pad_token_id, "cpu", pack_len=256)
+    padded = pair_batch(pairs, tok.pad_token_id, "cpu")
+    assert packed["input_ids"].numel() < padded["input_ids"].numel() and "attention_mask" not in packed
+    seqs = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    with torch.no_grad():
+        got = sequence_logprobs(model, packed)
+        alone = []
+        for s in seqs:   # the reference: every sequence run by itself, summed by hand over its labelled tokens
+            x = torch.tensor([s["input_ids"]])
+            logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+            y = torch.tensor(s["labels"][1:])
+            alone.append(sum(float(logp[i, t]) for i, t in enumerate(y.tolist()) if t != -100))
+    assert got.shape == (16,)
+    assert torch.allclose(got, torch.tensor(alone), atol=1e-3, rtol=1e-4), (got, alone)
+
+
+def test_dpo_visits_every_group_once_per_epoch_in_a_new_order():
+    from taoke.lm.dpo import group_order
+
+    epochs = [[group_order(7, 3, e * 7 + i) for i in range(7)] for e in range(3)]
+    assert all(sorted(order) == list(range(7)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) > 1, epochs   # not the same order every epoch
+    assert epochs[0] != list(range(7))                          # not the file's order
+    assert [group_order(7, 3, i) for i in range(7)] == epochs[0]  # the same seed, the same batches (resume)
 
 
 def test_predict_file_writes_completions(tok, tmp_path):

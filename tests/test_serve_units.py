@@ -124,6 +124,69 @@ def test_engine_greedy_tokens_equal_model_generate_one_request_at_a_time(tok):
         assert tokens == ref
 
 
+def generate_alone(model, tok, prompt, n):
+    x = torch.tensor([prompt])
+    ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    return ref[:ref.index(2)] if 2 in ref else ref        # the engine does not return the eos token
+
+
+def test_engine_reuses_a_shared_prompt_prefix_and_still_generates_what_the_model_does_alone(tok):
+    """Prompts that resend one long history prefill it once: later ones start from its stored keys/values
+    (counted in /metrics), and every request's tokens equal model.generate's on its whole prompt."""
+    model = tiny_llama()
+    history = tok(" ".join(f"turn {i}: the quick brown fox" for i in range(30)))["input_ids"]
+    prompts = [history + tok(f" question {q}?")["input_ids"] for q in range(5)] + [history[:40] + [7, 8, 9]]
+    metrics = ServeMetrics()
+    engine = Engine(model, tok, max_batch=4, max_queue=16, metrics=metrics).start()
+    try:
+        got = run_engine(engine, prompts, Sampling(max_tokens=10, temperature=0))
+        again = run_engine(engine, prompts[:1], Sampling(max_tokens=10, temperature=0))   # the very same prompt
+    finally:
+        engine.stop()
+    for p, tokens in zip(prompts, got):
+        assert tokens == generate_alone(model, tok, p, 10)
+    assert again[0] == got[0]
+    def shared(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    # the first prompt is prefilled in full; each other one of its kind reuses the most it shares with an earlier
+    # one (the history and the word 'question'), the repeat all but its last token; the short one shares only 40
+    # tokens, under the reuse minimum
+    expected = sum(max(shared(prompts[i], prompts[j]) for j in range(i)) for i in range(1, 5)) + len(prompts[0]) - 1
+    assert expected > 4 * len(history) and metrics.prefix_tokens._value.get() == expected
+
+    off = Engine(model, tok, max_batch=4, prefix_cache_bytes=0, metrics=(m := ServeMetrics())).start()
+    try:
+        assert run_engine(off, prompts[:3], Sampling(max_tokens=10, temperature=0)) == got[:3]
+    finally:
+        off.stop()
+    assert m.prefix_tokens._value.get() == 0 and not off.prefixes.entries
+
+
+def test_prefix_store_keeps_to_its_byte_budget_dropping_the_least_recently_used():
+    from transformers import DynamicCache
+
+    from taoke.ship.serve.prefix import PrefixStore
+
+    def cache_of(n):   # one layer, 2 kv heads x n positions x 4 dims of fp32: 64 n bytes
+        c = DynamicCache()
+        c.update(torch.arange(2 * n * 4, dtype=torch.float32).view(1, 2, n, 4), torch.zeros(1, 2, n, 4), 0)
+        return c
+
+    store = PrefixStore(max_bytes=64 * 250, min_tokens=4)
+    a, b, c = list(range(100)), list(range(50)) + [999] * 50, [5] * 100
+    for ids in (a, b):
+        store.add(ids, cache_of(100))
+    assert store.bytes == 2 * 6400
+    hit, n = store.match(list(range(60)) + [1])     # shares 60 tokens with a, 50 with b
+    assert hit is not None and n == 60 and torch.equal(hit.keys[0], cache_of(100).layers[0].keys[0])
+    store.add(c, cache_of(100))                      # over budget: b, used least recently, goes
+    assert store.bytes == 2 * 6400 and store.match(b)[1] == 50   # now only a's first 50 match it
+    assert store.match(a)[1] == 99                   # the whole prompt but its last token
+    assert store.match([1, 2, 3])[0] is None         # no match at all
+
+
 def test_engine_sampling_is_reproducible_with_a_seed_whatever_the_batch(tok):
     model = tiny_llama()
     prompt = tok("tell me something")["input_ids"]

@@ -116,6 +116,23 @@ def test_training_step_probe_leaves_the_run_as_if_nothing_was_measured():
         assert calls == [] and choice.dtype is None
 
 
+def test_onednn_isa_cap_below_bf16_means_fp32_and_is_recorded(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes torch emulate bf16 even on a bf16 CPU: fp32 is chosen without timing
+    the emulation (it can be 100x slower), and the run's runtime record names the cap."""
+    from taoke.hardware import runtime_record
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    big = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
+    choice = choose_precision("auto", torch.device("cpu"), big)
+    assert not cpu_has_bf16() and choice.dtype is None and choice.measured is None
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in choice.reason
+    rec = runtime_record(torch.device("cpu"))
+    assert rec["kernels"] == {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_isa_cap": "AVX2"}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")   # a cap above bf16 takes nothing away
+    flags = open("/proc/cpuinfo").read()
+    assert cpu_has_bf16() == (" avx512_bf16" in flags or " amx_bf16" in flags)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_precision_on_cuda_is_bf16_where_supported():
     dev = torch.device("cuda")

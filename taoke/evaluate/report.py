@@ -31,6 +31,14 @@ def compression_table(rows: list[tuple[str, dict]], metrics: list[str]) -> list[
     return out
 
 
+def kernel_note(k: dict | None) -> str:
+    """'; ATen kernels: AVX512, oneDNN capped at AVX2' (runs before 2026-12-05 recorded no kernels)."""
+    if not k:
+        return ""
+    cap = k.get("onednn_isa_cap")
+    return f"; ATen kernels: {k['aten']}" + (f", oneDNN capped at {cap}" if cap else "")
+
+
 def runtime_lines(runtime: dict | None) -> list[str]:
     """'How it ran' section: machine, threads, precision and why, speed, memory, versions."""
     if not runtime:
@@ -48,7 +56,7 @@ def runtime_lines(runtime: dict | None) -> list[str]:
     return ["", "## How it ran", "",
             f"- device: {runtime['device']}" + (f" ({runtime['gpu']})" if runtime.get("gpu") else "")
             + f"; CPU {runtime['cpu']}, {runtime['cores']} cores, {runtime['threads']} threads; kernel flags: "
-            + (", ".join(runtime["cpu_flags"]) or "none of AVX2/AVX512/AMX"),
+            + (", ".join(runtime["cpu_flags"]) or "none of AVX2/AVX512/AMX") + kernel_note(runtime.get("kernels")),
             f"- precision: {p.get('precision', '?')}, {p.get('reason', '')}{timing}",
             f"- training: {runtime['train_seconds']:.1f} s" + (f", {speed}" if speed else "")
             + (f"; {'; '.join(extras)}" if extras else ""),

@@ -207,12 +207,17 @@ def holm(ps: list[float]) -> list[float]:
     return adjusted
 
 
-def judge(endpoint: list[str], reference: list[str], controls: dict[str, list[str]], tokenizer,
-          max_tokens: int = 32) -> dict:
-    """Verdict from the answers alone: the endpoint's, REF's and each control's to the same prompts."""
+def require_controls(controls) -> None:
+    """Checked before any network call (verify_endpoint) and again by judge, which is also called on its own."""
     if not controls:
         raise ModelError("the black-box test needs at least one control model (--control REF2): a model that does "
                          "not derive from REF, to measure how close unrelated models come")
+
+
+def judge(endpoint: list[str], reference: list[str], controls: dict[str, list[str]], tokenizer,
+          max_tokens: int = 32) -> dict:
+    """Verdict from the answers alone: the endpoint's, REF's and each control's to the same prompts."""
+    require_controls(controls)
 
     if any(len(a) != len(endpoint) for a in (reference, *controls.values())):
         raise ValueError("every model must answer the same prompts")
@@ -281,9 +286,7 @@ def verify_endpoint(url: str, ref: str, controls: list[str], *, model: str | Non
     if not url.startswith(("http://", "https://")):
         raise ModelError(f"--endpoint must be an http(s) URL of the API base (e.g. http://127.0.0.1:8000/v1), "
                          f"not '{url}'")
-    if not controls:
-        raise ModelError("the black-box test needs at least one control model (--control REF2): a model that does "
-                         "not derive from REF, to measure how close unrelated models come")
+    require_controls(controls)
     if ref in controls:
         raise ModelError(f"'{ref}' is both REF and a control; a control must be a model unrelated to REF")
     t0 = time.perf_counter()

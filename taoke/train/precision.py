@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from taoke.hardware import cpu_has_bf16
+from taoke.hardware import cpu_has_bf16, isa_cap
 
 # Below this size autocast's casts cost more than bf16 matmuls save on a CPU (measured on an 8x8 CNN).
 BF16_MIN_PARAMS = 5_000_000
@@ -104,7 +104,8 @@ def choose_precision(precision: str, device: torch.device, model: torch.nn.Modul
         ok = torch.cuda.is_bf16_supported()
         return PrecisionChoice(torch.bfloat16 if ok else None, "GPU " + ("supports" if ok else "lacks") + " bf16")
     if device.type != "cpu" or not cpu_has_bf16():
-        return PrecisionChoice(None, "no native bf16 on this CPU (neither AVX512-BF16 nor AMX): bf16 is emulated")
+        why = f"ONEDNN_MAX_CPU_ISA={isa_cap()} caps it" if isa_cap() else "neither AVX512-BF16 nor AMX"
+        return PrecisionChoice(None, f"no native bf16 on this CPU ({why}): bf16 is emulated")
     if model is None:
         return PrecisionChoice(torch.bfloat16, "CPU has native bf16")
     if sum(p.numel() for p in model.parameters()) < BF16_MIN_PARAMS:

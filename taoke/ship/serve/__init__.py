@@ -44,6 +44,7 @@ class ServeOptions:
     max_batch: int = 32
     max_queue: int = 64
     max_model_len: int | None = None
+    prefix_cache_mb: int = 256              # keys/values of recent prompts kept for reuse (0: off)
     max_tokens: int = 1024
     max_body_bytes: int = 1 << 20
     timeout_s: float = 300.0
@@ -99,11 +100,13 @@ def _service(ref: str, opts: ServeOptions, settings: ServeSettings, metrics: Ser
     if not (p.is_dir() and ((p / "taoke.json").is_file() or (p / "recipe.yaml").is_file())):
         model, tokenizer = load_chat_model(ref, opts.device)     # any causal-LM reference (library, HF dir, GGUF)
         return LanguageService(model, tokenizer, settings, metrics, max_batch=opts.max_batch,
-                               max_queue=opts.max_queue, max_model_len=opts.max_model_len)
+                               max_queue=opts.max_queue, max_model_len=opts.max_model_len,
+                               prefix_cache_mb=opts.prefix_cache_mb)
     predictor = load(ref, device=opts.device, key=resolve_key(opts.key_file))
     if isinstance(predictor, LanguagePredictor):
         return LanguageService(predictor.model, predictor.tokenizer, settings, metrics, max_batch=opts.max_batch,
-                               max_queue=opts.max_queue, max_model_len=opts.max_model_len)
+                               max_queue=opts.max_queue, max_model_len=opts.max_model_len,
+                               prefix_cache_mb=opts.prefix_cache_mb)
     return ClassifierService(predictor, settings, metrics, max_batch=opts.max_batch)
 
 

@@ -3,7 +3,8 @@
 One thread owns the model. Each iteration it drops requests that were cancelled (client gone) or ran past
 their deadline, admits waiting requests into free cache rows (up to `prefill_budget` prompt tokens per
 iteration: short prompts packed into one forward pass, each attending only to itself; a long prompt in a
-pass of its own, since a dense mask over a long packed row costs more attention than packing saves), then
+pass of its own, since a dense mask over a long packed row costs more attention than packing saves; a prompt
+that starts like a recent one reuses that one's keys and values and prefills only the rest, prefix.py), then
 runs one decoding step for every running request in a single forward pass. A request leaves as soon as it ends, and its row is free for the next one: requests
 join and leave between steps, never waiting for a whole batch to finish (Orca's iteration-level
 scheduling). Each request's tokens depend only on its own prompt and parameters: rows are masked from
@@ -29,6 +30,7 @@ from transformers import DynamicCache
 
 from taoke.errors import ModelError
 from taoke.ship.serve.kv import SlotCache
+from taoke.ship.serve.prefix import Prefix, PrefixStore
 from taoke.ship.serve.text import TextStream
 
 
@@ -73,6 +75,8 @@ class Generation:
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens: list[int] = []
         self.length = 0                 # positions in the KV cache
+        self.prefix: Prefix | None = None   # a stored prompt whose first `reused` tokens this one starts with
+        self.reused = 0
         self.cancelled = False
         self.finish_reason: str | None = None
         self.submitted = time.monotonic()
@@ -113,7 +117,8 @@ def supports_slot_cache(config) -> str | None:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 64, max_model_len: int = 4096,
-                 prefill_budget: int = 2048, pack_tokens: int = 512, metrics=None):
+                 prefill_budget: int = 2048, pack_tokens: int = 512, prefix_cache_bytes: int = 256 << 20,
+                 metrics=None):
         why = supports_slot_cache(model.config)
         if why:
             raise ModelError(f"taoke's engine batches full-attention decoders; this model has {why}. "
@@ -125,6 +130,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.prefill_budget = prefill_budget   # prompt tokens prefilled per iteration (at least one prompt)
         self.pack_tokens = pack_tokens         # prompts packed into one pass up to this many tokens
+        self.prefixes = PrefixStore(prefix_cache_bytes)
         self.metrics = metrics
         self.eos = self._eos_ids(model, tokenizer)
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -235,15 +241,23 @@ class Engine:
         batch, tokens = [], 0
         with self.cond:
             while self.waiting and len(self.running) + len(batch) < self.max_batch:
-                n = self.waiting[0].prompt_tokens
+                gen = self.waiting[0]
+                prefix, reused = self.prefixes.match(gen.prompt_ids)
+                if prefix is None and any(self.prefixes.shares_prefix(gen.prompt_ids, g.prompt_ids) for g in batch):
+                    break   # a prompt it starts like is prefilled in this iteration: it reuses that one's next time
+                n = gen.prompt_tokens - reused
                 if batch and tokens + n > self.prefill_budget:
                     break
+                gen.prefix, gen.reused = prefix, reused
                 batch.append(self.waiting.popleft())
                 tokens += n
             self._report_queue()
         packs: list[list[Generation]] = []
         for gen in batch:
-            if packs and sum(g.prompt_tokens for g in packs[-1]) + gen.prompt_tokens <= self.pack_tokens:
+            if gen.prefix is not None:   # alone: its pass starts from the stored keys/values
+                packs.append([gen])
+            elif packs and packs[-1][0].prefix is None and \
+                    sum(g.prompt_tokens for g in packs[-1]) + gen.prompt_tokens <= self.pack_tokens:
                 packs[-1].append(gen)
             else:
                 packs.append([gen])
@@ -252,13 +266,20 @@ class Engine:
 
     def _prefill(self, batch: list[Generation]) -> None:
         """Run the prompts as one packed row (each attends only to itself, positions restart per prompt; a lone
-        prompt runs exactly as model.generate runs it), copy each prompt's cache into a free row, and take
-        each request's first token."""
-        ids = torch.tensor([[t for g in batch for t in g.prompt_ids]], device=self.device)
+        prompt runs exactly as model.generate runs it; one with a stored prefix runs only the tokens after it),
+        copy each prompt's cache into a free row, and take each request's first token."""
         cache = DynamicCache(config=self.model.config)
+        reused = batch[0].reused if batch[0].prefix is not None else 0
+        if reused:   # the stored keys/values first (DynamicCache copies them on the next update: the store is kept)
+            for i, (k, v) in enumerate(zip(batch[0].prefix.keys, batch[0].prefix.values)):
+                cache.update(k[None, :, :reused], v[None, :, :reused], i)
+        ids = torch.tensor([[t for g in batch for t in g.prompt_ids[reused:]]], device=self.device)
         args = dict(input_ids=ids, use_cache=True, **{self.cache_arg: cache})
         if len(batch) == 1:
-            args.update(attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            args.update(attention_mask=torch.ones(1, reused + ids.shape[1], dtype=torch.long, device=self.device),
+                        logits_to_keep=1)
+            if reused:
+                args.update(position_ids=torch.arange(reused, reused + ids.shape[1], device=self.device)[None])
         else:
             lengths = torch.tensor([g.prompt_tokens for g in batch], device=self.device)
             starts = lengths.cumsum(0) - lengths
@@ -273,10 +294,14 @@ class Engine:
             for gen in batch:
                 self._end(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
             return
+        if reused and self.metrics is not None:
+            self.metrics.prefix_tokens.inc(reused)
         start = 0
         for gen in batch:
             row = len(self.running)
             self.kv.load_row(row, cache, gen.prompt_tokens, offset=start)
+            self.prefixes.add(gen.prompt_ids, cache, offset=start)
+            gen.prefix = None   # the row holds it now; the store may drop it
             start += gen.prompt_tokens
             gen.length = gen.prompt_tokens
             self.running.append(gen)

@@ -30,14 +30,15 @@ class ClientGone(Exception):
 
 class LanguageService:
     def __init__(self, model, tokenizer, settings: ServeSettings, metrics, *, max_batch: int = 32,
-                 max_queue: int = 64, max_model_len: int | None = None):
+                 max_queue: int = 64, max_model_len: int | None = None, prefix_cache_mb: int = 256):
         self.tokenizer = tokenizer
         self.settings = settings
         self.metrics = metrics
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = min(max_model_len or limit, limit)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                             max_model_len=self.max_model_len, metrics=metrics)
+                             max_model_len=self.max_model_len, prefix_cache_bytes=prefix_cache_mb << 20,
+                             metrics=metrics)
         self.created = int(time.time())
 
     async def start(self) -> None:

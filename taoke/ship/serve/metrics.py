@@ -30,6 +30,8 @@ class ServeMetrics:
         self.ttft = Histogram("taoke_time_to_first_token_seconds", "Time from request to the first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("taoke_prompt_tokens_total", "Prompt tokens processed", registry=r)
+        self.prefix_tokens = Counter("taoke_prefix_cache_tokens_total",
+                                     "Prompt tokens whose keys/values were reused from a recent prompt", registry=r)
         self.generated_tokens = Counter("taoke_generated_tokens_total", "Tokens generated", registry=r)
         self.tokens_per_second = Gauge("taoke_generated_tokens_per_second",
                                        f"Tokens generated per second over the last {window_s:g} s", registry=r)
