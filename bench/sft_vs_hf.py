@@ -354,6 +354,7 @@ def main():
         return statistics.median(r[key] for r in rs)
 
     ok = {p: [r for r in rs if "error" not in r] for p, rs in runs.items()}
+    native_bf16 = cpu_has_bf16()   # without it the bf16 "peak" is emulation: no MFU against it
     baseline = "trl" if args.method == "dpo" else "hf"   # the peer every ratio is against
     hf = ok.get(baseline) or []
     loss_name = "held-out DPO loss | held-out preference acc" if args.method == "dpo" else "held-out loss"
@@ -373,12 +374,13 @@ def main():
                    if "error" not in a and "error" not in b]
         spread = f"{min(per_run):.2f}-{max(per_run):.2f}x" if per_run else ""
         flops = FLOP_PER_TOKEN[args.method] * rs[0]["params"] * steady
+        mfu_bf16 = f"{flops / peak_bf16:.1%}" if native_bf16 else "n/a"
         quality = f"{med(rs, 'held_out_loss'):.4f}"
         if args.method == "dpo":
             quality += f" | {med(rs, 'preference_acc'):.3f}"
         name = f"{p} ({rs[0]['precision']}{', compiled' if rs[0].get('compiled') else ''})"
         lines.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {steady:.1f} | {steady_ratio:.2f}x | {spread} | "
-                     f"{flops / peak_bf16:.1%} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
+                     f"{mfu_bf16} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
                      f"{max(r['peak_rss_mb'] for r in rs):.0f} | {quality} | {rs[0]['tokens']} |")
     lines.append("")
     for p in peers:  # every run, so the spread behind the medians is on record
