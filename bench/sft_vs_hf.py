@@ -198,10 +198,10 @@ def _hf_args(peer, args) -> dict:
                 bf16=peer.endswith("-bf16"))
 
 
-def _lora_config():
+def _lora_config(dropout: float):
     from peft import LoraConfig
 
-    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=TARGETS,
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=dropout, target_modules=TARGETS,
                       task_type="CAUSAL_LM")
 
 
@@ -222,7 +222,7 @@ def _trl_dpo(peer, model, tok, train, args, marks):
     ds = Dataset.from_list([{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
                              "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in train])
     trainer = DPOTrainer(model=model, args=DPOConfig(**_hf_args(peer, args), beta=BETA, max_length=args.seq_len),
-                         train_dataset=ds, processing_class=tok, peft_config=_lora_config())
+                         train_dataset=ds, processing_class=tok, peft_config=_lora_config(args.dropout))
     counter = _TokenCounter()
     trainer.data_collator = counter(trainer.data_collator)
     tokens, seconds = _timed_train(trainer, counter, marks, args.steps)
@@ -240,10 +240,7 @@ def _hf_train(peer, model, tok, train, args, marks):
                              "completion_mask": [int(x != -100) for x in r["labels"]]} for r in train])
     common = _hf_args(peer, args)
     counter = _TokenCounter()
-    lora = _lora_config()
-    lora.lora_dropout = args.dropout
-    if args.method == "full":
-        lora = None
+    lora = None if args.method == "full" else _lora_config(args.dropout)
     if peer in ("hf", "hf-bf16"):
         ds = ds.remove_columns("completion_mask")
         if lora is not None:
@@ -392,7 +389,8 @@ def main():
     what = {"lora": f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all "
                     f"linear projections), data {args.data} ({DATA[args.data].relative_to(ROOT)})",
             "full": f"Full fine-tuning SFT smollm2-135m, data {args.data} ({DATA[args.data].relative_to(ROOT)})",
-            "dpo": f"DPO (beta {BETA}) with LoRA smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout 0, all "
+            "dpo": f"DPO (beta {BETA}) with LoRA smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, "
+                   f"dropout={args.dropout}, all "
                    f"linear projections), pairs {DPO_DATA.relative_to(ROOT)} (every 10th held out); batch = pairs, "
                    f"tokens = chosen + rejected"}[args.method]
     head = (f"\n## sft_vs_hf --method {args.method} — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
