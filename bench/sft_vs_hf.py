@@ -28,8 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -63,10 +61,6 @@ def rows_and_heldout(tok, seq_len, data):
     return encode_conversations(tok, train, seq_len), encode_conversations(tok, held, seq_len)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # ---------------------------------------------------------------------------------------------- workers
 
 def worker(peer: str, args) -> dict:
@@ -75,9 +69,9 @@ def worker(peer: str, args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from taoke.adapt.language import adapt_lm
+    from taoke.hardware import peak_rss_mb
     from taoke.lm.load import load_causal_lm
     from taoke.lm.train import evaluate_lm, train_lm
-    from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
 
     model, tok = load_causal_lm("smollm2-135m", device="cpu")
     if args.method == "dpo":
@@ -129,6 +123,7 @@ def dpo_split() -> tuple[list[dict], list[dict]]:
 
 def dpo_worker(peer: str, args, model, tok) -> dict:
     from taoke.adapt.language import adapt_lm
+    from taoke.hardware import peak_rss_mb
     from taoke.lm.dpo import encode_pairs, evaluate_dpo, train_dpo
 
     train, held = dpo_split()
@@ -345,7 +340,7 @@ def main():
             runs[p].append(run_peer(p, args))
     peaks.append((matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32")))
     peak_bf16, peak_fp32 = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    from taoke.hardware import KERNEL_FLAGS, cpu_flags, cpu_has_bf16
+    from taoke.hardware import KERNEL_FLAGS, cpu_flags, cpu_has_bf16, cpu_model
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
@@ -384,8 +379,7 @@ def main():
         lines.append(f"- {p} per run (tokens/s, steady tokens/s): " + ", ".join(
             f"{r['tokens_per_s']:.1f} / {r['steady_tokens_per_s']:.1f}" if "error" not in r else "failed"
             for r in runs[p]))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     what = {"lora": f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all "
                     f"linear projections), data {args.data} ({DATA[args.data].relative_to(ROOT)})",
             "full": f"Full fine-tuning SFT smollm2-135m, data {args.data} ({DATA[args.data].relative_to(ROOT)})",
