@@ -26,7 +26,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -320,11 +319,9 @@ def write_report(runs: dict, args, load_before, cut: str | None = None) -> None:
     import torch
     import transformers
 
-    from taoke.hardware import cpu_flags
+    from taoke.hardware import cpu_flags, cpu_model
 
-    flags = cpu_flags()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    flags, cpu = cpu_flags(), cpu_model()
     load_after = os.getloadavg()
     head = (f"\n## serve_load — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
             f"Run {args.run.name} (SmolLM2-135M SFT, merged, fp32, CPU). Streaming chat requests, greedy, "

@@ -87,17 +87,23 @@ def worker(peer: str, args) -> dict:
         hist = train_lm(model, tok, train, train_cfg, lm_cfg, progress=False,
                         on_step=lambda row: marks.append((time.perf_counter() - t0, row["tokens"])))
         tokens, seconds, examples, model, compiled = hist.tokens, hist.seconds, None, hist.model, hist.compiled
-        precision = hist.precision
+        precision, probe = hist.precision, probe_speedup(hist)
     else:
         tokens, seconds, examples, model = _hf_train(peer, model, tok, train, args, marks)
-        precision = "bf16" if peer.endswith("-bf16") else "fp32"
+        precision, probe = ("bf16" if peer.endswith("-bf16") else "fp32"), None
     train_rss = peak_rss_mb()  # the peak up to the end of training, before the shared evaluation
     held_loss = evaluate_lm(model, held, tok.pad_token_id, args.seq_len, batch_size=4)["loss"]
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steady_tokens_per_s": steady_rate(marks), "compiled": compiled, "precision": precision,
-            "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss,
+            "precision_probe": probe, "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss,
             "examples": examples, "params": n_params}
+
+
+def probe_speedup(hist) -> float | None:
+    """bf16 / fp32 speed of the step that taoke's precision probe timed (None when nothing was measured)."""
+    measured = (hist.precision_choice or {}).get("measured") or {}
+    return measured.get("speedup")
 
 
 def recipe_blocks(peer, args):
@@ -135,15 +141,16 @@ def dpo_worker(peer: str, args, model, tok) -> dict:
         hist = train_dpo(model, tok, encode_pairs(tok, train, args.seq_len), train_cfg, lm_cfg,
                          on_step=lambda row: marks.append((time.perf_counter() - t0, row["tokens"])))
         tokens, seconds, model, precision = hist.tokens, hist.seconds, hist.model, hist.precision
+        probe = probe_speedup(hist)
     else:
         tokens, seconds, model = _trl_dpo(peer, model, tok, train, args, marks)
-        precision = "bf16" if peer.endswith("-bf16") else "fp32"
+        precision, probe = ("bf16" if peer.endswith("-bf16") else "fp32"), None
     train_rss = peak_rss_mb()
     ev = evaluate_dpo(model, tok, encode_pairs(tok, held, args.seq_len), beta=BETA)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steady_tokens_per_s": steady_rate(marks), "compiled": False, "precision": precision,
-            "held_out_loss": ev["dpo_loss"],
+            "precision_probe": probe, "held_out_loss": ev["dpo_loss"],
             "preference_acc": ev["preference_acc"], "reward_acc": ev["reward_acc"], "peak_rss_mb": peak_rss_mb(),
             "train_peak_rss_mb": train_rss, "examples": args.steps * args.batch, "params": n_params}
 
@@ -370,15 +377,17 @@ def main():
         quality = f"{med(rs, 'held_out_loss'):.4f}"
         if args.method == "dpo":
             quality += f" | {med(rs, 'preference_acc'):.3f}"
-        name = f"{p} ({rs[0]['precision']}{', compiled' if rs[0].get('compiled') else ''})"
+        precisions = "/".join(sorted({r["precision"] for r in rs}))   # runs of one peer may choose differently
+        name = f"{p} ({precisions}{', compiled' if rs[0].get('compiled') else ''})"
         lines.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {steady:.1f} | {steady_ratio:.2f}x | {spread} | "
                      f"{mfu_bf16} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
                      f"{max(r['peak_rss_mb'] for r in rs):.0f} | {quality} | {rs[0]['tokens']} |")
     lines.append("")
     for p in peers:  # every run, so the spread behind the medians is on record
-        lines.append(f"- {p} per run (tokens/s, steady tokens/s): " + ", ".join(
-            f"{r['tokens_per_s']:.1f} / {r['steady_tokens_per_s']:.1f}" if "error" not in r else "failed"
-            for r in runs[p]))
+        lines.append(f"- {p} per run (tokens/s, steady tokens/s, precision): " + ", ".join(
+            f"{r['tokens_per_s']:.1f} / {r['steady_tokens_per_s']:.1f} / {r['precision']}"
+            + (f" (probe: bf16 {r['precision_probe']:.2f}x fp32)" if r.get("precision_probe") else "")
+            if "error" not in r else "failed" for r in runs[p]))
     cpu = cpu_model()
     what = {"lora": f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all "
                     f"linear projections), data {args.data} ({DATA[args.data].relative_to(ROOT)})",

@@ -12,7 +12,7 @@ from taoke.lm.data import (IGNORE, encode_chat, encode_conversations, encode_doc
                            read_dpo_pairs, read_text_documents)
 from taoke.lm.loss import lm_loss_sum, linear_cross_entropy_sum, reference_loss_sum
 from taoke.models.parts import unwrap
-from taoke.lm.pack import pack_rows, packed_batch, padded_batch
+from taoke.lm.pack import concat_row, first_fit, pack_rows, packed_batch, padded_batch
 from tests.lm_helpers import adapted, smollm_tokenizer, tiny_llama, train
 
 ROOT_DATA = "data/chatterbot/dialogs.jsonl"
@@ -164,6 +164,17 @@ def test_packed_and_unpacked_training_agree(tok):
     leaky = dict(pb, position_ids=torch.arange(pb["input_ids"].shape[1]).expand_as(pb["input_ids"]))
     assert abs(_loss_and_grads(model, leaky)[0] - l_pad) > 1e-3
 
+
+
+def test_first_fit_against_hand_assignment():
+    # capacity 7, lengths 5 4 3 2: 5 opens bin 0, 4 opens bin 1, 3 joins bin 1 (7), 2 joins bin 0 (7)
+    assert first_fit([5, 4, 3, 2], 7, [0, 1, 2, 3]) == [[0, 3], [1, 2]]
+    # looking back one bin only, 2 finds bin 1 full and opens a third
+    assert first_fit([5, 4, 3, 2], 7, [0, 1, 2, 3], window=1) == [[0], [1, 2], [3]]
+    row = concat_row([{"input_ids": [7, 8, 9], "labels": [7, 8, 9]}, {"input_ids": [4, 5], "labels": [-100, 5]}],
+                     6, 0, segments=[3, 1])
+    assert row["input_ids"] == [7, 8, 9, 4, 5, 0] and row["labels"] == [-100, 8, 9, -100, 5, -100]
+    assert row["position_ids"] == [0, 1, 2, 0, 1, 0] and row["segment"] == [3, 3, 3, 1, 1, -1]
 
 # ---------------------------------------------------------------------------------------------- merge + parity
 

@@ -109,7 +109,7 @@ def test_training_step_probe_leaves_the_run_as_if_nothing_was_measured():
     assert torch.equal(torch.rand(4), expected)
     assert all(p.grad is None for p in model.parameters())
     if cpu_has_bf16():
-        assert calls == [False, True] * 3   # a warm-up and two timed steps each, interleaved
+        assert calls == [False, True] * 4   # a warm-up and three timed steps each, interleaved
         assert choice.measured["probe"] == "training step"
         assert (choice.dtype is torch.bfloat16) == (choice.measured["speedup"] >= MIN_SPEEDUP)
     else:

@@ -25,36 +25,48 @@ def pack_rows(rows: list[dict], seq_len: int, pad_id: int, seed: int | None = No
     order = list(range(len(rows)))
     if seed is not None:
         random.Random(seed).shuffle(order)
-    bins: list[list[dict]] = []
+    lengths = [min(len(ex["input_ids"]), seq_len) for ex in rows]
+    # first fit over the last few open bins: near-optimal fill without an O(n^2) scan
+    bins = first_fit(lengths, seq_len, order, window=8)
+    return [concat_row([rows[i] for i in b], seq_len, pad_id) for b in bins]
+
+
+def first_fit(lengths: list[int], capacity: int, order: list[int], window: int | None = None) -> list[list[int]]:
+    """Indices taken in `order`, each put in the first bin (of the last `window` opened, or of all) with room for
+    its length; bins hold at most `capacity` tokens."""
+    bins: list[list[int]] = []
     space: list[int] = []
     for i in order:
-        ex = rows[i]
-        n = min(len(ex["input_ids"]), seq_len)
-        # first fit over the last few open bins: near-optimal fill without an O(n^2) scan
-        for b in range(max(0, len(bins) - 8), len(bins)):
-            if space[b] >= n:
-                bins[b].append(ex)
-                space[b] -= n
-                break
-        else:
-            bins.append([ex])
-            space.append(seq_len - n)
-    return [_concat(b, seq_len, pad_id) for b in bins]
+        n = lengths[i]
+        start = 0 if window is None else max(0, len(bins) - window)
+        b = next((b for b in range(start, len(bins)) if space[b] >= n), None)
+        if b is None:
+            bins.append([])
+            space.append(capacity)
+            b = len(bins) - 1
+        bins[b].append(i)
+        space[b] -= n
+    return bins
 
 
-def _concat(examples: list[dict], seq_len: int, pad_id: int) -> dict:
-    ids, labels, pos = [], [], []
-    for ex in examples:
+def concat_row(examples: list[dict], seq_len: int, pad_id: int, segments: list[int] | None = None) -> dict:
+    """One packed row of seq_len tokens; with `segments`, also each token's segment id (-1: padding)."""
+    ids, labels, pos, seg = [], [], [], []
+    for k, ex in enumerate(examples):
         n = min(len(ex["input_ids"]), seq_len)
         ids += ex["input_ids"][:n]
         labels += [IGNORE] + list(ex["labels"][1:n])
         pos += list(range(n))
+        seg += [segments[k] if segments is not None else k] * n
     n_real = len(ids)
     pad = seq_len - n_real
     ids += [pad_id] * pad
     labels += [IGNORE] * pad
     pos += list(range(pad))
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "n_real": n_real}
+    row = {"input_ids": ids, "labels": labels, "position_ids": pos, "n_real": n_real}
+    if segments is not None:
+        row["segment"] = seg + [-1] * pad
+    return row
 
 
 def packed_batch(rows: list[dict], device=None) -> dict:

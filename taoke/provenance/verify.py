@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,6 +201,20 @@ def fingerprint(reader: WeightReader, view: CanonicalView, idx: np.ndarray, proj
         fp.X = fp.X[kept]
         fp.keys = [k for k, ok in zip(fp.keys, kept) if ok]
     return fp
+
+
+def fingerprint_pair(a: tuple, b: tuple, maps: tuple = (None, None), fold_norms: bool = False
+                     ) -> tuple[Fingerprint, Fingerprint]:
+    """Both models' fingerprints (each argument: reader, view, idx, proj), side by side in two threads where the
+    machine has two cores: each pass is single-threaded matmuls that release the GIL, so two cores take about half
+    the time; memory holds one tensor of each model at a time, the bound the streaming pass promises anyway."""
+    if (os.cpu_count() or 1) < 2:
+        return (fingerprint(*a, residual_map=maps[0], fold_norms=fold_norms),
+                fingerprint(*b, residual_map=maps[1], fold_norms=fold_norms))
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(fingerprint, *a, residual_map=maps[0], fold_norms=fold_norms)
+        fb = pool.submit(fingerprint, *b, residual_map=maps[1], fold_norms=fold_norms)
+        return fa.result(), fb.result()
 
 
 def _gains(reader: WeightReader, view: CanonicalView) -> dict:
@@ -474,8 +489,7 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     proj = None
     if va.hidden == vb.hidden:  # shared random projection of the residual axis for the unit sketches
         proj = (np.random.default_rng(7).standard_normal((h, SKETCH)) / np.sqrt(SKETCH)).astype(np.float32)
-    fa = fingerprint(ra, va, idx, proj)
-    fb = fingerprint(rb, vb, idx, proj)
+    fa, fb = fingerprint_pair((ra, va, idx, proj), (rb, vb, idx, proj))
     test = _significance(fa, fb, idx, n_null, use_embed=True)
     if test is None:
         return _no_evidence(a, b, va, vb, evidence + ["no weight matrices with a shared role to compare"], t0)
@@ -599,8 +613,8 @@ def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence, plain: tuple) 
     h = min(va.hidden, vb.hidden)
     idx = _residual_subset(h, subset)
     proj = (np.random.default_rng(7).standard_normal((h, SKETCH)) / np.sqrt(SKETCH)).astype(np.float32)
-    fa = fingerprint(ra, va, idx, proj, residual_map=P if on_a else None, fold_norms=True)
-    fb = fingerprint(rb, vb, idx, proj, residual_map=None if on_a else P, fold_norms=True)
+    fa, fb = fingerprint_pair((ra, va, idx, proj), (rb, vb, idx, proj), maps=(P if on_a else None,
+                                                                             None if on_a else P), fold_norms=True)
     test = _significance(fa, fb, idx, n_null, use_embed=False)
     if test is None:
         return plain
