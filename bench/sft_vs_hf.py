@@ -96,8 +96,8 @@ def worker(peer: str, args) -> dict:
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steady_tokens_per_s": steady_rate(marks), "compiled": compiled, "precision": precision,
-            "precision_probe": probe, "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(), "train_peak_rss_mb": train_rss,
-            "examples": examples, "params": n_params}
+            "precision_probe": probe, "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(),
+            "train_peak_rss_mb": train_rss, "examples": examples, "params": n_params}
 
 
 def probe_speedup(hist) -> float | None:

@@ -371,3 +371,21 @@ def test_rotated_fine_tune_is_derived_and_a_rotated_stranger_is_not(tiny_family,
     s = verify(str(base), str(stranger))
     assert s.verdict == "independent" and s.p_value > 0.01
     assert any("no rotation of the residual stream explains B" in e for e in s.evidence)
+
+
+def test_fingerprints_side_by_side_equal_one_after_the_other(tiny_family):
+    """fingerprint_pair runs both streaming passes in two threads; each must come out as the plain call makes it
+    (also with one reader passed for both, which it reads in turn)."""
+    from taoke.provenance.verify import fingerprint, fingerprint_pair
+
+    ra, rb = open_weights(tiny_family["base"]), open_weights(tiny_family["ft"])
+    va, vb = canonical_view(ra), canonical_view(rb)
+    idx = np.arange(8)
+    proj = np.random.default_rng(0).standard_normal((va.hidden, 4)).astype(np.float32)
+    for a, b in (((ra, va, idx, proj), (rb, vb, idx, proj)), ((ra, va, idx, proj), (ra, va, idx, proj))):
+        pair = fingerprint_pair(a, b, fold_norms=True)
+        for got, args in zip(pair, (a, b)):
+            want = fingerprint(*args, fold_norms=True)
+            assert got.keys == want.keys and np.array_equal(got.X, want.X)
+            assert set(got.sketch.keys()) == set(want.sketch.keys())
+            assert all(np.array_equal(got.sketch[k], want.sketch[k]) for k in want.sketch.keys())

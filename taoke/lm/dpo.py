@@ -111,9 +111,9 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
     if resumed is not None:
         choice = PrecisionChoice.restored(resumed)
     else:
-        # the precision probe times a real step: the first packed row of the first batch (one pair when padded);
-        # one pair alone (~100 tokens) measured bf16 at 1.21-1.24x fp32 where a 226-token row measured 1.47-1.62x,
-        # too close to MIN_SPEEDUP: one benchmark run chose fp32 and trained at 3/4 the speed
+        # the precision probe times a real step: the first packed row of the first batch (one pair when padded).
+        # One pair alone (~100 tokens) shows less of bf16's gain than the rows DPO trains on (bench/precision_probe.py:
+        # 1.32-1.35x against 1.66-1.70x for a 226-token row); with it one benchmark run chose fp32 at 3/4 the speed
         if pack_len:
             probe = {k: v[:1] for k, v in pair_batch(groups[0], pad_id, device, pack_len).items()}
         else:

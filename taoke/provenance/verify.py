@@ -207,8 +207,9 @@ def fingerprint_pair(a: tuple, b: tuple, maps: tuple = (None, None), fold_norms:
                      ) -> tuple[Fingerprint, Fingerprint]:
     """Both models' fingerprints (each argument: reader, view, idx, proj), side by side in two threads where the
     machine has two cores: each pass is single-threaded matmuls that release the GIL, so two cores take about half
-    the time; memory holds one tensor of each model at a time, the bound the streaming pass promises anyway."""
-    if (os.cpu_count() or 1) < 2:
+    the time; memory holds one tensor of each model at a time, the bound the streaming pass promises anyway. One
+    reader given for both models reads in turn: a reader's file position is not shared safely between threads."""
+    if (os.cpu_count() or 1) < 2 or a[0] is b[0]:
         return (fingerprint(*a, residual_map=maps[0], fold_norms=fold_norms),
                 fingerprint(*b, residual_map=maps[1], fold_norms=fold_norms))
     with ThreadPoolExecutor(2) as pool:
@@ -455,8 +456,9 @@ def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: Can
 def verify(a, b, n_null: int = N_NULL, subset: int = SUBSET, deep: bool = True, threads: int = 1) -> VerifyResult:
     """Test whether B derives from A (or shares an ancestor). `a`/`b`: references, paths or open readers.
 
-    threads=1 by default: the matrices are small, and on a shared laptop-class CPU multi-threaded BLAS
-    waiting on a busy core made verify 5-10x slower in our measurements.
+    threads=1 by default (per matmul): the matrices are small, and on a shared laptop-class CPU multi-threaded BLAS
+    waiting on a busy core made verify 5-10x slower in our measurements. The two models are fingerprinted side by
+    side instead (fingerprint_pair), which keeps each core on its own stream of work.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -57,8 +57,9 @@ def bf16_speedup(tokens: int, d_out: int, d_in: int) -> float:
 def step_speedup(step: Callable[[torch.dtype | None], None], repeats: int = 3) -> dict:
     """Time a real training step (forward + backward; `step(None)` in fp32, `step(torch.bfloat16)` under
     autocast), interleaved after one warm-up each; returns the best seconds of each and their ratio. Three
-    repeats, not two: with two, a full fine-tune of SmolLM2-135M on one 256-token row measured bf16 at 1.21-1.51x
-    fp32 across four probes, and one benchmark run fell under MIN_SPEEDUP and trained in fp32 at 2/3 the speed."""
+    repeats, not two: with two, a full fine-tune of SmolLM2-135M that ran 1.5x faster in bf16 measured under
+    MIN_SPEEDUP once and trained in fp32 (bench/RESULTS.md, sft_vs_hf --method full of 2026-12-05 15:39);
+    bench/precision_probe.py shows how steady each loop's probe is."""
     best = {None: float("inf"), torch.bfloat16: float("inf")}
     for dtype in best:
         step(dtype)   # warm-up: kernel selection, first-touch allocations
