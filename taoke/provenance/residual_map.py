@@ -19,14 +19,9 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def residual_map(ra: WeightReader, rb: WeightReader, va: CanonicalView,
-                 vb: CanonicalView) -> tuple[np.ndarray, bool, float, int] | None:
-    """P (wide x narrow, orthonormal columns) with E_wide P ~ E_narrow on the tokens both vocabularies hold
-    (orthogonal Procrustes: P = U V^T of the SVD of E_wide^T E_narrow), whether the wide side is A, the mean row
-    cosine of the fit on held-out rows, and the number of rows fitted. None without enough shared rows.
-
-    Written out because scipy's orthogonal_procrustes fits square maps only; a sliced model needs a rectangular one.
-    """
+def _shared_rows(ra: WeightReader, rb: WeightReader, va: CanonicalView,
+                 vb: CanonicalView) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(A's embedding, B's embedding, [n, 2] row pairs of the tokens both hold), or None without two embeddings."""
     ea, eb = va.globals.get("embed"), vb.globals.get("embed")
     if ea is None or eb is None or len(ea.shape) != 2 or len(eb.shape) != 2:
         return None
@@ -39,6 +34,41 @@ def residual_map(ra: WeightReader, rb: WeightReader, va: CanonicalView,
     else:
         n = min(len(xa), len(xb))
         shared = np.stack([np.arange(n), np.arange(n)], axis=1)
+    return xa, xb, shared
+
+
+def centred(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The rows, centred. Training moves every rarely seen token's row along one shared direction, which any map
+    would line up between two unrelated models (held-out cosine 0.85 uncentred on two scratch models)."""
+    x = x[rows].astype(np.float32)
+    return x - x.mean(axis=0)
+
+
+def in_place_cos(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: CanonicalView,
+                 sample: int = 4096) -> float | None:
+    """Mean cosine of the shared tokens' centred embedding rows as they stand, with no map: near 1 where B keeps
+    A's residual basis (copies, fine-tunes, quantized copies), near 0 for a rotated residual stream or an unrelated
+    model. None when the widths differ or too few rows are shared to say."""
+    rows = _shared_rows(ra, rb, va, vb)
+    if rows is None or rows[0].shape[1] != rows[1].shape[1] or len(rows[2]) < 64:
+        return None
+    xa, xb, shared = rows
+    pick = shared[np.random.default_rng(5).permutation(len(shared))[:sample]]
+    return float(np.mean(np.sum(unit_rows(centred(xa, pick[:, 0])) * unit_rows(centred(xb, pick[:, 1])), axis=1)))
+
+
+def residual_map(ra: WeightReader, rb: WeightReader, va: CanonicalView,
+                 vb: CanonicalView) -> tuple[np.ndarray, bool, float, int] | None:
+    """P (wide x narrow, orthonormal columns) with E_wide P ~ E_narrow on the tokens both vocabularies hold
+    (orthogonal Procrustes: P = U V^T of the SVD of E_wide^T E_narrow), whether the wide side is A, the mean row
+    cosine of the fit on held-out rows, and the number of rows fitted. None without enough shared rows.
+
+    Written out because scipy's orthogonal_procrustes fits square maps only; a sliced model needs a rectangular one.
+    """
+    rows = _shared_rows(ra, rb, va, vb)
+    if rows is None:
+        return None
+    xa, xb, shared = rows
     on_a = xa.shape[1] >= xb.shape[1]
     wide, narrow = (xa, xb) if on_a else (xb, xa)
     cols = (0, 1) if on_a else (1, 0)
@@ -47,11 +77,6 @@ def residual_map(ra: WeightReader, rb: WeightReader, va: CanonicalView,
     order = np.random.default_rng(5).permutation(len(shared))
     fit_rows = shared[order[:min(len(order) - len(order) // 8, 16384)]]
     held = shared[order[-min(len(order) // 8, 4096):]]
-    # Centred rows: training moves every rarely seen token's row along one shared direction, which any map
-    # would line up between two unrelated models (held-out cosine 0.85 uncentred on two scratch models).
-    def centred(x, rows):
-        x = x[rows].astype(np.float32)
-        return x - x.mean(axis=0)
     u, _, vt = np.linalg.svd(centred(wide, fit_rows[:, cols[0]]).T @ centred(narrow, fit_rows[:, cols[1]]),
                              full_matrices=False)
     P = (u @ vt).astype(np.float64)
