@@ -389,3 +389,40 @@ def test_fingerprints_side_by_side_equal_one_after_the_other(tiny_family):
             assert got.keys == want.keys and np.array_equal(got.X, want.X)
             assert set(got.sketch.keys()) == set(want.sketch.keys())
             assert all(np.array_equal(got.sketch[k], want.sketch[k]) for k in want.sketch.keys())
+
+
+def test_in_place_embedding_cosine_tells_a_rotated_stream_from_a_kept_basis(tiny_family, tmp_path):
+    """What decides whether verify looks for a rotation first: a fine-tune keeps its parent's residual basis (rows
+    agree in place), a rotated copy and an unrelated model do not."""
+    from taoke.provenance.residual_map import MAP_MIN_COS, in_place_cos
+
+    def cos(a, b):
+        ra, rb = open_weights(a), open_weights(b)
+        return in_place_cos(ra, rb, canonical_view(ra), canonical_view(rb))
+
+    base = tiny_family["base"]
+    assert cos(base, base) == pytest.approx(1.0, abs=1e-5)
+    assert cos(base, tiny_family["ft"]) > MAP_MIN_COS   # scale 0.5: a heavy perturbation, still ~0.9
+    assert abs(cos(base, suite.rotated(tmp_path / "r", base, "random", seed=3))) < MAP_MIN_COS
+    assert abs(cos(base, tiny_family["other"])) < MAP_MIN_COS
+
+
+def test_embedding_moved_far_in_place_is_a_derivative_not_a_rotation(tiny_family, tmp_path):
+    """Rows that disagree in place send verify to look for a rotation first; when no map explains them much better
+    than none (here: the embedding re-drawn around itself, the layers kept), the plain pass decides, as before."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from taoke.provenance.residual_map import MAP_MIN_COS, in_place_cos
+
+    base = tiny_family["base"]
+    sd = load_file(str(base / "model.safetensors"))
+    name = next(k for k in sd if "embed" in k)
+    sd[name] = sd[name] + 2.0 * sd[name].std() * np.random.default_rng(0).standard_normal(sd[name].shape)
+    moved = save(tmp_path / "moved", sd, json.loads((base / "config.json").read_text()))
+    ra, rb = open_weights(base), open_weights(moved)
+    assert in_place_cos(ra, rb, canonical_view(ra), canonical_view(rb)) < MAP_MIN_COS   # the rotation-first route
+    r = verify(str(base), str(moved))
+    assert r.verdict == "derived", r.evidence
+    assert not any(c.startswith("residual stream rotated") for c in r.changes)

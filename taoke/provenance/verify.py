@@ -49,6 +49,7 @@ N_NULL_EXACT = 1000    # draws when the normal tail of those 40 lands between th
 AMBIGUOUS_P = 0.05     # normal-tail p from DERIVED_P up to this gets the exact count
 P_FLOOR = 1e-300       # report p below this as this (float64 tail underflows)
 ROTATED_MIN_FP = 0.5   # under a fitted map: mean best-layer fingerprint correlation a `derived` needs
+MAP_MIN_GAIN = 0.25     # a fitted map must raise the rows' in-place cosine by this to count as a rotation
 # Relative rounding unit of float storage types (as the readers name them): a copy of a norm gain through one of
 # these moves by at most this fraction of its value; quantised types have no such bound.
 _ROUNDING = {**dict.fromkeys(("f64", "float64", "double"), 2.0 ** -53),
@@ -496,7 +497,8 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
     # pass when it is found (the verdict is the one the plain-then-rotation order gives, ~40% sooner)
     in_place = in_place_cos(ra, rb, va, vb) if va.hidden == vb.hidden else None
     rotation_first = in_place is not None and in_place < MAP_MIN_COS
-    rotated, note = _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence) if rotation_first else (None, None)
+    rotated, note = (_try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence, in_place) if rotation_first
+                     else (None, None))
     if rotated is None:
         fa, fb = fingerprint_pair((ra, va, idx, proj), (rb, vb, idx, proj))
         test = _significance(fa, fb, idx, n_null, use_embed=True)
@@ -505,7 +507,7 @@ def _verify(a, b, n_null: int, subset: int, deep: bool) -> VerifyResult:
         judged = _judged(ra, rb, va, vb, fa, fb, test, deep, list(evidence))
         if judged[0] != "derived" and not rotation_first:
             rotated, note = _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence)
-        if rotated is None and note:
+        if rotated is None and note and judged[0] != "derived":
             judged[3].append(note)
     verdict, relation, changes, evidence, test, layers, vocab = rotated or judged
     res = VerifyResult(reference_label(a), reference_label(b), verdict, test.p, relation, test.t_obs, test.mu,
@@ -603,7 +605,8 @@ def _judged(ra, rb, va, vb, fa, fb, test: Significance, deep: bool, evidence: li
     return verdict, relation, changes, evidence, test, layers, vocab
 
 
-def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence) -> tuple[tuple | None, str | None]:
+def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence,
+                  in_place: float | None = None) -> tuple[tuple | None, str | None]:
     """Second look for a model whose residual stream was rotated, or rotated and sliced (SliceGPT): B's weights are
     A's around an orthogonal Q, or around the first columns of one.
 
@@ -612,7 +615,8 @@ def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence) -> tuple[tuple
     sides, and the test runs again on the layers only (the embedding fitted the map). Its verdict replaces the
     plain one only when it is `derived`: a map fitted on embeddings can also line up two unrelated models' token
     geometry, which must never read as evidence by itself. Returns (the judged tuple, None) when it is, else
-    (None, what was seen, for the plain verdict's evidence, or None).
+    (None, what was seen, for the plain verdict's evidence, or None). `in_place`: the rows' cosine with no map; a map
+    that explains the embedding barely better than none is no rotation (a fine-tune that moved its embedding far).
     """
     fit = residual_map(ra, rb, va, vb)
     if fit is None:
@@ -621,6 +625,9 @@ def _try_rotation(ra, rb, va, vb, n_null, subset, deep, evidence) -> tuple[tuple
     if fit_cos < MAP_MIN_COS:   # no orthogonal map explains one embedding by the other: nothing to look at
         return None, (f"no rotation of the residual stream explains B's embedding either (best orthogonal map: "
                       f"held-out row cosine {fit_cos:.3f} on {rows} shared rows)")
+    if in_place is not None and fit_cos < in_place + MAP_MIN_GAIN:
+        return None, (f"the best orthogonal map explains B's embedding little better than none (held-out row cosine "
+                      f"{fit_cos:.3f} with it, {in_place:.3f} without): no rotation of the residual stream")
     h = min(va.hidden, vb.hidden)
     idx = _residual_subset(h, subset)
     proj = (np.random.default_rng(7).standard_normal((h, SKETCH)) / np.sqrt(SKETCH)).astype(np.float32)
