@@ -19,6 +19,14 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def shared_token_rows(ta: list[str] | None, tb: list[str] | None) -> np.ndarray | None:
+    """[n, 2] (row in A, row in B) of every token both vocabularies hold; None when either has no token list."""
+    if not (ta and tb):
+        return None
+    pos_a = {t: i for i, t in enumerate(ta)}
+    return np.array([(pos_a[t], j) for j, t in enumerate(tb) if t in pos_a], dtype=np.int64).reshape(-1, 2)
+
+
 def _shared_rows(ra: WeightReader, rb: WeightReader, va: CanonicalView,
                  vb: CanonicalView) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(A's embedding, B's embedding, [n, 2] row pairs of the tokens both hold), or None without two embeddings."""
@@ -26,14 +34,11 @@ def _shared_rows(ra: WeightReader, rb: WeightReader, va: CanonicalView,
     if ea is None or eb is None or len(ea.shape) != 2 or len(eb.shape) != 2:
         return None
     xa, xb = ra.get(ea.name), rb.get(eb.name)
-    ta, tb = ra.tokens, rb.tokens
-    if ta and tb:
-        pos_a = {t: i for i, t in enumerate(ta)}
-        shared = np.array([(pos_a[t], j) for j, t in enumerate(tb) if t in pos_a and pos_a[t] < len(xa)
-                           and j < len(xb)], dtype=np.int64).reshape(-1, 2)
-    else:
+    shared = shared_token_rows(ra.tokens, rb.tokens)
+    if shared is None:   # no tokenizers: row i is token i on both sides
         n = min(len(xa), len(xb))
         shared = np.stack([np.arange(n), np.arange(n)], axis=1)
+    shared = shared[(shared[:, 0] < len(xa)) & (shared[:, 1] < len(xb))]
     return xa, xb, shared
 
 

@@ -38,7 +38,7 @@ from taoke.formats import open_weights
 from taoke.formats.base import WeightReader
 from taoke.library import BaseRef, resolve
 from taoke.provenance.canonical import MATRIX_ROLES, NORM_ROLES, READ_ROLES, CanonicalView, Slot, canonical_view
-from taoke.provenance.residual_map import MAP_MIN_COS, in_place_cos, residual_map, unit_rows
+from taoke.provenance.residual_map import MAP_MIN_COS, in_place_cos, residual_map, shared_token_rows, unit_rows
 
 DERIVED_P = 1e-6       # below: the weights share an origin
 INDEPENDENT_P = 0.01   # above: no evidence of a shared origin
@@ -435,19 +435,18 @@ def _vocab_report(ra: WeightReader, rb: WeightReader, va: CanonicalView, vb: Can
                   fa: Fingerprint, fb: Fingerprint) -> dict:
     ea, eb = va.globals.get("embed"), vb.globals.get("embed")
     out = {"rows_a": ea.shape[0] if ea else None, "rows_b": eb.shape[0] if eb else None}
-    ta, tb = ra.tokens, rb.tokens
-    if ta and tb:
-        pos_a = {t: i for i, t in enumerate(ta)}
-        shared = [(pos_a[t], j) for j, t in enumerate(tb) if t in pos_a]
-        out.update(shared=len(shared), added=len(tb) - len(shared), removed=len(ta) - len(shared),
-                   reordered=sum(1 for i, j in shared if i != j))
+    shared = shared_token_rows(ra.tokens, rb.tokens)
+    if shared is not None:
+        out.update(shared=len(shared), added=len(rb.tokens) - len(shared), removed=len(ra.tokens) - len(shared),
+                   reordered=int(np.sum(shared[:, 0] != shared[:, 1])))
     else:
-        shared = [(i, i) for i in range(min(out["rows_a"] or 0, out["rows_b"] or 0))]
+        n = min(out["rows_a"] or 0, out["rows_b"] or 0)
+        shared = np.stack([np.arange(n), np.arange(n)], axis=1)
         out.update(shared=None, added=max(0, (out["rows_b"] or 0) - (out["rows_a"] or 0)), removed=None,
                    reordered=None)
     xa, xb = fa.sketch.get((None, "embed")), fb.sketch.get((None, "embed"))
-    if xa is not None and xb is not None and shared:
-        sample = np.array(shared)[np.random.default_rng(0).permutation(len(shared))[:4096]]
+    if xa is not None and xb is not None and len(shared):
+        sample = shared[np.random.default_rng(0).permutation(len(shared))[:4096]]
         sample = sample[(sample[:, 0] < len(xa)) & (sample[:, 1] < len(xb))]
         cos = np.sum(unit_rows(xa[sample[:, 0]]) * unit_rows(xb[sample[:, 1]]), axis=1)
         out["shared_rows_cos"] = round(float(np.mean(cos)), 4)
