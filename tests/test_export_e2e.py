@@ -91,6 +91,14 @@ def test_sft_to_gguf_runs_in_llama_cpp_and_is_verified(sft, taoke_main):
         assert not (sft / "sft-gguf-q4_0").exists() and not list(sft.glob(".*partial*"))
 
 
+def test_exporting_at_the_base_gguf_own_type_is_flagged_in_lineage(sft, taoke_main):
+    # the built-in SmolLM2 base ships as a Q4_1 GGUF: a Q4_1 export would round the fine-tune back onto its grid
+    code, out, err = taoke_main("export", sft / "sft", "--format", "gguf", "--quant", "Q4_1", "--no-check", "--json")
+    assert code == 0, err
+    warnings = json.loads(out)["export"]["warnings"]
+    assert len(warnings) == 1 and "stored at Q4_1" in warnings[0] and "Q4_0" in warnings[0]
+
+
 def test_adapter_only_run_is_merged_on_the_way_out(sft, taoke_main):
     from transformers import AutoModelForCausalLM
 

@@ -1,6 +1,7 @@
 """The GGUF writer against the real consumers: gguf-py's reader, transformers' GGUF loader and llama.cpp
 (node-llama-cpp). A tiny LLaMA with SmolLM2's tokenizer (plus added tokens) keeps it fast."""
 
+import numpy as np
 import gguf
 import pytest
 import torch
@@ -89,3 +90,34 @@ def test_llama_cpp_tokenizes_and_continues_like_the_model(tiny, tmp_path):
     assert ans["greedy"][0] == ref[:len(ans["greedy"][0])] and len(ans["greedy"][0]) >= 1
     want = logp[torch.arange(len(ids[0]) - 1), x[0, 1:]]
     assert torch.allclose(torch.tensor(ans["nll"][0], dtype=torch.float32), want, atol=1e-2)  # llama.cpp keeps an f16 KV cache
+
+
+def test_exporting_at_the_grid_of_a_quantised_base_is_flagged_and_would_undo_the_fine_tune(tmp_path):
+    """gguf-py's own quantizer shows the premise: weights on a Q4_1 grid plus a small update requantise to exactly
+    the base; the note fires for the types whose grid holds the base's and for no other."""
+    from gguf.quants import dequantize, quantize
+
+    from taoke.ship.gguf import same_grid_note, stored_quant
+
+    rng = np.random.default_rng(0)
+    Q = gguf.GGMLQuantizationType
+    base_w = np.asarray(dequantize(quantize(rng.standard_normal((64, 256)).astype(np.float32), Q.Q4_1), Q.Q4_1),
+                        dtype=np.float32).reshape(64, 256)
+    update = 0.002 * rng.standard_normal(base_w.shape).astype(np.float32)   # a LoRA-sized change
+    again = np.asarray(dequantize(quantize(base_w + update, Q.Q4_1), Q.Q4_1)).reshape(base_w.shape)
+    assert ((again - base_w) * update).sum() / (update * update).sum() < 0.3   # most of the update rounds away ...
+    assert np.linalg.norm(again - base_w) < 2 * np.linalg.norm(update)         # ... back onto the base's points
+    path = tmp_path / "base.gguf"
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_tensor("blk.0.ffn_up.weight", quantize(base_w, Q.Q4_1), raw_dtype=Q.Q4_1)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert stored_quant(path) == "Q4_1"
+    base = {"name": "tiny", "format": "gguf", "weights": [{"path": str(path)}]}
+    assert "stored at Q4_1" in same_grid_note(base, "Q4_1") and "Q4_0" in same_grid_note(base, "Q4_1")
+    assert same_grid_note(base, "Q5_1") is not None
+    assert same_grid_note(base, "Q4_0") is None and same_grid_note(base, "Q8_0") is None
+    assert same_grid_note({**base, "format": "safetensors"}, "Q4_1") is None

@@ -167,7 +167,8 @@ def export_lineage(parent: Run, target: Path, fmt: str, quant: str | None, resul
         license=plin.get("license"))
     lineage["export"] = {"format": fmt, "quant": quant, "file": result.get("file"),
                          "tensor_types": result.get("tensor_types"), "parity": result.get("parity"),
-                         "checked": result.get("parity") is not None, "tools": tools}
+                         "checked": result.get("parity") is not None, "tools": tools,
+                         "warnings": result.get("warnings", [])}
     return lineage
 
 
