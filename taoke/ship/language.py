@@ -253,7 +253,9 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
             try:
                 result["parity"] = check_gguf(model_dir / fname, model, tok, held, quant)
             except ParityError as e:
-                raise ParityError(f"{e} (likely cause: {note})" if note else str(e)) from None
+                if note:
+                    raise ParityError(f"{e} (likely cause: {note})") from None
+                raise
     else:  # hf: a plain transformers directory, adapters merged, optionally cast
         save_merged(model, tok, model_dir, dtype=HF_DTYPES[quant])
         write_json_atomic(model_dir / "taoke.json", {
