@@ -123,9 +123,10 @@ def machine() -> str:
     import transformers
     from importlib.metadata import version
 
-    from taoke.hardware import machine_summary
+    from taoke.hardware import cpu_flags, machine_summary
 
-    return (f"{machine_summary()}; Python {platform.python_version()}, torch {torch.__version__}, "
+    flags = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in cpu_flags())
+    return (f"{machine_summary()} ({flags or 'no AVX2'}); Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, "
             f"gguf {version('gguf')}, onnx {version('onnx')}")
 
