@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,8 @@ import onnxruntime as ort
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 
 
 def machine() -> str:
@@ -66,20 +69,23 @@ def shapes(predictor) -> dict:
             "long (128 tokens)": encode_frame(long, meta, predictor.tokenizer)}
 
 
+def ort_predictor(export: Path, threads: int):
+    """taoke's predictor for an ONNX export, its session pinned to `threads` intra-op threads."""
+    from taoke.inference import load
+
+    p = load(export, device="cpu")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    p.model = ort.InferenceSession(str(Path(export) / "model" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    return p
+
+
 def engines(run: Path, fp32: Path, int8: Path, threads: int) -> dict:
     from taoke.inference import load
 
     torch.set_num_threads(threads)
-    pt = load(run, device="cpu")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    out = {"pytorch fp32 (eager)": pt}
-    for name, exp in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
-        p = load(exp, device="cpu")
-        p.model = ort.InferenceSession(str(Path(exp) / "model" / "model.onnx"), opts,
-                                       providers=["CPUExecutionProvider"])
-        out[name] = p
-    return out
+    return {"pytorch fp32 (eager)": load(run, device="cpu"), "onnxruntime fp32": ort_predictor(fp32, threads),
+            "onnxruntime int8": ort_predictor(int8, threads)}
 
 
 def run_rows(predictor, encoded, rows: list[int]) -> torch.Tensor:
@@ -150,8 +156,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        record("\n" + text)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 
 # GGUF tensor-name fragments of each projection group
 GROUPS = {"attn_q + attn_k": ("attn_q.", "attn_k."), "attn_v": ("attn_v.",), "attn_output": ("attn_output.",),
@@ -140,8 +141,7 @@ def main() -> None:
         f"Re-run: `.venv/bin/python bench/gguf_quant_error.py --run {run} --quants {','.join(quants)}`", ""])
     print(text)
     if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(text)
+        record(text)
 
 
 if __name__ == "__main__":

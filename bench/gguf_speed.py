@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from export_speed import machine  # noqa: E402
+from results import record  # noqa: E402
 
 
 def ensure(run: Path | None) -> tuple[Path, dict[str, Path]]:
@@ -128,8 +129,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_append:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write("\n" + text)
+        record("\n" + text)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 DATA = ROOT / "data" / "chatterbot" / "dialogs.jsonl"
 
 
@@ -339,8 +341,7 @@ def write_report(runs: dict, args, load_before, cut: str | None = None) -> None:
     text = head + "\n".join(table(runs, args)) + "\n"
     print(text)
     if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(text)
+        record(text)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 DATA = {"chatterbot": ROOT / "data" / "chatterbot" / "dialogs.jsonl", "poems": ROOT / "data" / "poems-zh" / "poems.jsonl"}
 # lora_dropout defaults to 0, the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml (--dropout sets it)
 LORA = dict(r=16, alpha=32)
@@ -422,8 +424,7 @@ def main():
     print(text)
     if args.no_record:
         return
-    with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-        f.write(text)
+    record(text)
 
 
 if __name__ == "__main__":

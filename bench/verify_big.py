@@ -30,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -265,8 +267,7 @@ def main() -> None:
         cmd = " ".join(["bench/verify_big.py"] + sys.argv[1:])
         section = (f"\n## verify on models larger than RAM — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
                    f"Command: `.venv/bin/python {cmd}`  \nMachine: {machine()}\n\n" + text)
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:  # append only: others write here too
-            f.write(section)
+        record(section)
 
 
 if __name__ == "__main__":

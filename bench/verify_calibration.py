@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 
 from bench import verify_models as suite  # noqa: E402  (the repo root must be on sys.path first)
 
@@ -240,8 +242,7 @@ def main() -> None:
         section = (f"\n## verify calibration — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
                    f"Command: `.venv/bin/python bench/verify_calibration.py --work {args.work} --steps {args.steps}`"
                    f"  \nMachine: {machine()}  \nTotal {time.perf_counter() - t0:.0f} s.\n\n" + text)
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(section)
+        record(section)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 
 from bench import verify_calibration as cal  # noqa: E402  (the repo root must be on sys.path first)
 from bench import verify_models as suite  # noqa: E402
@@ -212,8 +214,7 @@ def main() -> None:
         head = (f"\n## verify --endpoint (black box) — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
                 f"Machine: {machine()}. Command: `.venv/bin/python bench/verify_endpoint.py --steps {args.steps} "
                 f"--n-prompts {args.n_prompts} --max-tokens {args.max_tokens}`.\n\n")
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(head + text)
+        record(head + text)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from results import record  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -195,8 +197,7 @@ def main() -> None:
                    f"Each pair runs `verify(A, B)` in a fresh process, {args.repeats} time(s) in interleaved rounds "
                    "(verify s: median, min-max in brackets, imports excluded; peak RSS: the largest, whole "
                    "process).\n\n" + text)
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:  # append only: others write here too
-            f.write(section)
+        record(section)
 
 
 if __name__ == "__main__":

@@ -210,9 +210,11 @@ class Prune(Strict):
     heads: float = field(0.0, "fraction of each block's attention heads (KV groups when the model groups its "
                               "queries) to remove", PRUNE_TASKS, ge=0.0, lt=1.0)
     by: Literal["magnitude", "activation"] = field(
-        "activation", "importance: weight magnitude, or activations measured on training examples times the "
-                      "output weights", PRUNE_TASKS)
+        "activation", "importance: weight magnitude, or activations measured on training examples (padding left "
+                      "out) times the output weights", PRUNE_TASKS)
     samples: int = field(64, "by activation: training examples measured", PRUNE_TASKS, gt=0)
+    compensate: bool = field(True, "by activation: fold what removed units and heads added on average into the "
+                                   "output projection's bias, where it has one (FLAP's bias compensation)", PRUNE_TASKS)
 
     @model_validator(mode="after")
     def _something(self):

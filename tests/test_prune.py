@@ -1,6 +1,8 @@
 """Structured width pruning: the saved model is really smaller, loads, and pruning units/heads that contribute
 nothing leaves the outputs unchanged (the unpruned model is the reference)."""
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -86,3 +88,35 @@ def test_recipe_refuses_prune_with_an_adapter_saved_alone():
         recipe_from_dict(raw)
     with pytest.raises(RecipeError, match="mlp"):
         recipe_from_dict({**raw, "edits": [{"prune": {}}], "adapt": {"method": "full"}})
+
+
+def test_units_and_heads_with_a_constant_output_are_folded_into_the_bias_exactly():
+    """A unit whose activation is the same on every token (zero input weights, a bias), and a head whose value is
+    constant (attention weights sum to one), add a constant to the block's output: removing them by activation
+    must leave the encoder's output as it was (the unpruned model is the reference), though they did contribute."""
+    model = tiny_bert()
+    const_units, const_head = list(range(16)), slice(8, 16)   # head 1 of 4, head_dim 8
+    with torch.no_grad():
+        for layer in model.hf.bert.encoder.layer:
+            inter, out = layer.intermediate.dense, layer.output.dense
+            inter.bias.fill_(3.0)                                   # the other units clearly matter more
+            inter.weight[const_units] = 0
+            inter.bias[const_units] = 0.05
+            out.weight[:, const_units] = 0.05 * torch.randn(32, 16).sign()   # LayerNorm would cancel a uniform shift
+            value, att_out = layer.attention.self.value, layer.attention.output.dense
+            value.bias.fill_(1.0)
+            value.weight[const_head] = 0
+            value.bias[const_head] = 0.05
+            att_out.weight[:, const_head] = 0.05 * torch.randn(32, 8).sign()
+    batch = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2,
+                                                                                      [1] * 3 + [0] * 4])}
+    hidden = lambda m: m.hf.bert(**batch).last_hidden_state   # noqa: E731  (the untrained head shrinks logits)
+    before = hidden(model)
+    uncompensated = copy.deepcopy(model)   # the same cut without the bias: the removed parts did add something
+    rec = prune(uncompensated, mlp=0.25, heads=0.25, by="activation", batches=lambda: iter([batch]), compensate=False)
+    assert not rec["bias_compensated"] and (hidden(uncompensated) - before).abs().max() > 1e-2
+    rec = prune(model, mlp=0.25, heads=0.25, by="activation", batches=lambda: iter([batch]))
+    assert rec["bias_compensated"] and rec["mlp_units"] == [64, 48] and rec["heads"] == [4, 3]
+    for layer in model.hf.bert.encoder.layer:                    # the constant ones were the ones removed
+        assert not torch.isclose(layer.intermediate.dense.bias, torch.tensor(0.05)).any()
+    assert torch.allclose(hidden(model), before, atol=1e-5)

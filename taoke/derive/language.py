@@ -149,7 +149,8 @@ def apply_edits(recipe: Recipe, model, tok, train_items: list | None = None) -> 
         elif op == "prune":
             items = train_items or []
             sample = random.Random(recipe.train.seed).sample(items, min(cfg.samples, len(items)))
-            detail = prune(model, cfg.mlp, cfg.heads, cfg.by, lambda: calibration_batches(recipe, tok, sample))
+            detail = prune(model, cfg.mlp, cfg.heads, cfg.by, lambda: calibration_batches(recipe, tok, sample),
+                           cfg.compensate)
         else:
             detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
         records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail, "params_before": before,

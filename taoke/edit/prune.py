@@ -6,7 +6,9 @@ block keeps is decided per block, by importance:
   - magnitude:  MLP unit j: ||rows of j in the input projections|| x ||column j of the output projection||;
                 head: the norms of its rows in q/k/v and of its columns in the output projection;
   - activation: the same output-side norms times the mean activation measured on training batches (the MLP
-                hidden unit's |value|, the head's context-vector norm), as Wanda-style criteria do.
+                hidden unit's |value|, the head's context-vector norm), as Wanda-style criteria do. What a removed
+                unit or head added on average is folded into the output projection's bias where it has one
+                (BERT; FLAP's bias compensation), so healing starts from a model nearer the unpruned one.
 
 LLaMA configs state head_dim apart from the head count, so a pruned LLaMA loads in plain transformers. BERT
 derives head width from hidden_size / num_attention_heads, so a BERT with pruned heads cannot be stated in its
@@ -15,6 +17,8 @@ loader resizes the attention before loading; MLP-only pruning keeps BERT loadabl
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,48 +58,76 @@ def magnitude_scores(b: Block, heads: int, groups: int, head_dim: int) -> tuple[
     return units, q * k + v * o
 
 
+@dataclass
+class Activations:
+    """What `by: activation` measured in one block, over the real (unpadded) tokens of the batches."""
+    unit_scores: torch.Tensor    # [units]   mean |activation| x output-column norm
+    group_scores: torch.Tensor   # [groups]  mean context norm x output-column norm
+    unit_means: torch.Tensor     # [units]   mean signed activation entering the MLP's output projection
+    context_means: torch.Tensor  # [heads * head_dim]  mean signed context entering the attention output
+
+
 @torch.no_grad()
 def activation_scores(model: nn.Module, bs: list[Block], heads: int, groups: int, head_dim: int,
-                      batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Mean |activation| of each MLP unit and mean context norm of each head group, over the batches, times the
-    output-side weight norms."""
-    sums = [[None, None] for _ in bs]
-    count = [0]
+                      batches) -> list[Activations]:
+    """Mean |activation| of each MLP unit and mean context norm of each head group, over the batches' real tokens,
+    times the output-side weight norms; plus the signed means a removed unit or head leaves in the output."""
+    sums = [{} for _ in bs]
+    state = {"mask": None, "tokens": 0}
 
-    def hook(i: int, which: int):
+    def hook(i: int, which: str):
         def record(_module, args):
-            x = args[0].detach().float().flatten(0, -2)       # [tokens, width]
-            if which == 0:
-                val = x.abs().sum(0)
+            x, mask = args[0].detach().float(), state["mask"]
+            # padding positions are not tokens the model is scored on: leave them out of the statistics
+            x = x[mask.bool()] if mask is not None and mask.shape == x.shape[:2] else x.flatten(0, -2)
+            if which == "mlp":
+                add = {"mlp_abs": x.abs().sum(0), "mlp_mean": x.sum(0)}
+                if i == 0:
+                    state["tokens"] += x.shape[0]
             else:
-                val = x.view(x.shape[0], groups, -1).norm(dim=2).sum(0)
-            sums[i][which] = val if sums[i][which] is None else sums[i][which] + val
-            if i == 0 and which == 0:
-                count[0] += x.shape[0]
+                add = {"ctx_norm": x.view(x.shape[0], groups, -1).norm(dim=2).sum(0), "ctx_mean": x.sum(0)}
+            for k, v in add.items():
+                sums[i][k] = v if k not in sums[i] else sums[i][k] + v
         return record
 
     handles = []
     for i, b in enumerate(bs):
-        handles.append(b.get(b.mlp_out).register_forward_pre_hook(hook(i, 0)))
-        handles.append(b.get(b.o).register_forward_pre_hook(hook(i, 1)))
+        handles.append(b.get(b.mlp_out).register_forward_pre_hook(hook(i, "mlp")))
+        handles.append(b.get(b.o).register_forward_pre_hook(hook(i, "attn")))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for batch in batches():
+            state["mask"] = batch.get("attention_mask")
+            state["mask"] = state["mask"].to(device) if state["mask"] is not None else None
             model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    if count[0] == 0:
+    n = state["tokens"]
+    if n == 0:
         raise RecipeError("edits.prune.by=activation: no training batches to measure activations on")
     r = heads // groups
     out = []
-    for b, (u, h) in zip(bs, sums):
+    for b, s in zip(bs, sums):
         o = b.get(b.o).weight.float().view(-1, groups, r * head_dim).transpose(0, 1).flatten(1).norm(dim=1)
-        out.append((u.cpu() / count[0] * b.get(b.mlp_out).weight.float().norm(dim=0).cpu(), h.cpu() / count[0] * o.cpu()))
+        out.append(Activations(unit_scores=s["mlp_abs"].cpu() / n * b.get(b.mlp_out).weight.float().norm(dim=0).cpu(),
+                               group_scores=s["ctx_norm"].cpu() / n * o.cpu(),
+                               unit_means=s["mlp_mean"].cpu() / n, context_means=s["ctx_mean"].cpu() / n))
     return out
+
+
+@torch.no_grad()
+def compensate_bias(linear: nn.Linear, removed: torch.Tensor, means: torch.Tensor) -> bool:
+    """Fold what the removed input columns contributed on average into the Linear's bias (FLAP's bias
+    compensation), so the pruned model starts nearer the unpruned one. A Linear without bias is left as is."""
+    if linear.bias is None or removed.numel() == 0:
+        return False
+    w = linear.weight.detach().float()[:, removed.to(linear.weight.device)]
+    linear.bias.add_((w @ means[removed].to(w.device)).to(linear.bias.dtype))
+    return True
 
 
 def kept_counts(n_units: int, groups: int, mlp: float, heads: float) -> tuple[int, int]:
@@ -111,7 +143,7 @@ def kept_counts(n_units: int, groups: int, mlp: float, heads: float) -> tuple[in
 
 
 @torch.no_grad()
-def prune(model: nn.Module, mlp: float, heads: float, by: str, batches=None) -> dict:
+def prune(model: nn.Module, mlp: float, heads: float, by: str, batches=None, compensate: bool = True) -> dict:
     """Prune every block in place; returns the record for lineage (widths before/after, how chosen)."""
     kind = family(model)
     bs = blocks(model)
@@ -121,17 +153,26 @@ def prune(model: nn.Module, mlp: float, heads: float, by: str, batches=None) -> 
     if by == "activation":
         if batches is None:
             raise RecipeError("edits.prune.by=activation needs training data to measure on")
-        scores = activation_scores(model, bs, n_heads, groups, head_dim, batches)
+        measured = activation_scores(model, bs, n_heads, groups, head_dim, batches)
+        scores = [(a.unit_scores, a.group_scores) for a in measured]
     else:
-        scores = [magnitude_scores(b, n_heads, groups, head_dim) for b in bs]
+        measured, scores = [None] * len(bs), [magnitude_scores(b, n_heads, groups, head_dim) for b in bs]
     r = n_heads // groups
-    for b, (unit_score, group_score) in zip(bs, scores):
+    compensated = False
+    for b, (unit_score, group_score), act in zip(bs, scores, measured):
         units = unit_score.topk(keep_units).indices.sort().values
         kept_groups = group_score.topk(keep_groups).indices.sort().values
+        q_rows = _group_rows(kept_groups, r, head_dim)
+        if act is not None and compensate:   # before slicing: the removed columns are still there to fold in
+            gone = torch.ones(n_units, dtype=torch.bool)
+            gone[units] = False
+            compensated |= compensate_bias(b.get(b.mlp_out), gone.nonzero().squeeze(1), act.unit_means)
+            gone = torch.ones(n_heads * head_dim, dtype=torch.bool)
+            gone[q_rows] = False
+            compensated |= compensate_bias(b.get(b.o), gone.nonzero().squeeze(1), act.context_means)
         for p in b.mlp_in:
             b.set(p, _slice(b.get(p), units, 0))
         b.set(b.mlp_out, _slice(b.get(b.mlp_out), units, 1))
-        q_rows = _group_rows(kept_groups, r, head_dim)
         kv_rows = _group_rows(kept_groups, 1, head_dim)
         b.set(b.q, _slice(b.get(b.q), q_rows, 0))
         b.set(b.k, _slice(b.get(b.k), kv_rows if kind == "llama" else q_rows, 0))
@@ -150,4 +191,4 @@ def prune(model: nn.Module, mlp: float, heads: float, by: str, batches=None) -> 
             attn.num_key_value_groups = r
     return {"family": kind, "by": by, "mlp_units": [n_units, keep_units], "heads": [n_heads, keep_groups * r],
             "kv_groups": [groups, keep_groups] if kind == "llama" else None, "head_dim": head_dim,
-            "plain_transformers": kind == "llama" or keep_groups == groups}
+            "plain_transformers": kind == "llama" or keep_groups == groups, "bias_compensated": compensated}
