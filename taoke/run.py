@@ -50,6 +50,20 @@ RUN_FILES = {"recipe.yaml", STATUS, METRICS, "splits.json", "report.md", LINEAGE
 LIVE_STATES = ("starting", "running")
 
 
+def base_chain(base: dict | None, limit: int = 64) -> list[dict]:
+    """A lineage's base record, then its base run's base record, and so on up to the first base that is not a run
+    (or a run no longer on disk): what the weights were first read from decides, e.g., which quantisation grid
+    they still sit on."""
+    chain: list[dict] = []
+    while base and len(chain) < limit:   # a longer chain is a loop, not a lineage taoke wrote
+        chain.append(base)
+        run_dir = (base.get("run") or {}).get("dir")
+        if base.get("format") != "run" or not run_dir or not Run.is_run(run_dir):
+            break
+        base = json.loads((Path(run_dir) / LINEAGE).read_text(encoding="utf-8")).get("base")
+    return chain
+
+
 def _process_start(pid: int) -> str | None:
     """When a process started (clock ticks since boot, Linux), so a recycled pid is not taken for the owner."""
     try:

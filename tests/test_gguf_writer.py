@@ -121,3 +121,39 @@ def test_exporting_at_the_grid_of_a_quantised_base_is_flagged_and_would_undo_the
     assert same_grid_note(base, "Q5_1") is not None
     assert same_grid_note(base, "Q4_0") is None and same_grid_note(base, "Q8_0") is None
     assert same_grid_note({**base, "format": "safetensors"}, "Q4_1") is None
+
+
+def test_the_grid_warning_looks_past_runs_to_the_gguf_the_weights_were_first_read_from(tmp_path):
+    """A run derived from a run derived from a GGUF base: the export looks up the chain (run lineage records) to the
+    GGUF, and a chain that loops ends instead of hanging."""
+    import json
+
+    from taoke.run import base_chain
+    from taoke.ship.gguf import same_grid_note
+
+    path = tmp_path / "base.gguf"
+    w = gguf.GGUFWriter(path, arch="llama")
+    q = gguf.quants.quantize(np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32),
+                             gguf.GGMLQuantizationType.Q4_1)
+    w.add_tensor("blk.0.ffn_up.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gguf_base = {"name": "tiny", "format": "gguf", "weights": [{"path": str(path)}]}
+
+    def run_on(base: dict, name: str) -> dict:
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "lineage.json").write_text(json.dumps({"base": base}))
+        return {"name": name, "format": "run", "run": {"dir": str(tmp_path / name)}}
+
+    grandchild_base = run_on(run_on(gguf_base, "sft"), "sft-more")
+    chain = base_chain(grandchild_base)
+    assert [b["name"] for b in chain] == ["sft-more", "sft", "tiny"]
+    assert same_grid_note(grandchild_base, "Q4_1") is None                      # the direct base is a run ...
+    assert any(same_grid_note(b, "Q4_1") for b in chain)                        # ... whose root is a Q4_1 GGUF
+    looped = tmp_path / "loop"
+    (looped / "model").mkdir(parents=True)
+    me = {"name": "loop", "format": "run", "run": {"dir": str(looped)}}
+    (looped / "lineage.json").write_text(json.dumps({"base": me}))
+    assert len(base_chain(me, limit=5)) == 5

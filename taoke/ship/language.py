@@ -27,7 +27,7 @@ from taoke.lm.load import load_causal_lm
 from taoke.lm.merge import ParityError, parity_check, save_merged
 from taoke.models.parts import count_parameters
 from taoke.recipe import Recipe, load_recipe
-from taoke.run import Run
+from taoke.run import Run, base_chain
 from taoke.ship.gguf import check_config, same_grid_note, write_gguf
 from taoke.ship.llamacpp import run_llamacpp
 from taoke.ship.ollama import modelfile
@@ -245,7 +245,7 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
             "format": "taoke-task-model", "task": lin["task"], "arch": "gguf",
             "export": {"runtime": "llama.cpp", "file": fname, "quant": quant}, "chat_template": bool(tok.chat_template)})
         result["file"] = fname
-        note = same_grid_note(lin.get("base"), quant)
+        note = next(filter(None, (same_grid_note(b, quant) for b in base_chain(lin.get("base")))), None)
         if note:
             console.print(f"[yellow]warning:[/] {note}")
             result["warnings"] = [note]
