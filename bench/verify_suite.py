@@ -97,6 +97,11 @@ def build(work: Path, ft_steps: int) -> list[tuple[str, str, str, str]]:
         ("scratch seed 1, rotated, vs scratch seed 0", scratch0, suite.rotated(work / "s1", scratch1, "random"),
          "independent"),
         ("fine-tuned vs permuted (siblings)", ft, perm, "derived"),
+        # the rotated route on a second shape: a LLaMA of another width and depth (h=256, 4 layers, trained here)
+        ("scratch LLaMA (h=256) rotated (random Q)", scratch0, suite.rotated(work / "s0", scratch0, "random"),
+         "derived"),
+        ("scratch LLaMA (h=256) rotated (Hadamard Q)", scratch0, suite.rotated(work / "s0", scratch0, "hadamard"),
+         "derived"),
         ("minilm -> torch .bin", "minilm-l6", suite.to_torch_bin(work, "minilm-l6", "minilm-bin"), "derived"),
         ("minilm pruned layers 2-3", "minilm-l6", suite.bert_pruned(work), "derived"),
         ("same arch, fresh init", g, suite.random_init_like(work, base), "independent"),
