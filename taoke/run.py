@@ -60,7 +60,7 @@ def base_chain(base: dict | None, limit: int = 64) -> list[dict]:
         run_dir = (base.get("run") or {}).get("dir")
         if base.get("format") != "run" or not run_dir or not Run.is_run(run_dir):
             break
-        base = json.loads((Path(run_dir) / LINEAGE).read_text(encoding="utf-8")).get("base")
+        base = Run(Path(run_dir)).lineage.get("base")
     return chain
 
 
