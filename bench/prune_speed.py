@@ -112,14 +112,15 @@ def main() -> None:
               for name, runs in healed.items()}   # scored by the derive itself, on the same test split
     models = {"unpruned derived": unpruned}
     params = {"unpruned derived": sum(x.numel() for x in unpruned.model.parameters())}
+    first = next(iter(healed))   # every variant has the same widths: time one (its first seed's model)
     for name, runs in healed.items():
         loaded = [load(r, device="cpu") for r in runs]
         widths = {sum(x.numel() for x in p.model.parameters()) for p in loaded}
         assert len(widths) == 1, f"{name}: seeds gave different widths {widths}"
         quality[name] = [test_macro_f1(p, short) for p in loaded]
         params[name] = widths.pop()
-    first = next(iter(healed))   # every variant has the same widths: time one
-    models[first] = load(healed[first][0], device="cpu")
+        if name == first:
+            models[first] = loaded[0]
 
     # the same two models in ONNX Runtime: the runtime an exported classifier ships to (less framework overhead
     # per layer, so more of the removed FLOPs show)
