@@ -101,6 +101,44 @@ def test_concurrent_greedy_outputs_equal_model_generate_alone(server, lm_run):
                                                                             KEYS["bob"])   # steps were shared
 
 
+
+def test_logprobs_are_the_models_own_log_softmax(server, lm_run):
+    """Chat (logprobs + top_logprobs) and legacy completions (an integer logprobs), read with the openai client,
+    against the model's own forward pass over the prompt and transformers' greedy answer."""
+    pred = taoke.load(lm_run)
+    tok, model = pred.tokenizer, pred.model
+    c = client(server.url)
+
+    def expected(prompt_ids, n, k):
+        x = torch.tensor([prompt_ids])
+        answer = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                pad_token_id=tok.pad_token_id)[0, len(prompt_ids):]
+        with torch.no_grad():
+            logits = model(torch.cat([x[0], answer])[None]).logits[0, len(prompt_ids) - 1:-1]
+        lp = torch.log_softmax(logits.float(), -1)
+        return [(tok.decode([int(t)]), float(lp[j, t]),
+                 [(tok.decode([int(i)]), float(v)) for v, i in zip(*lp[j].topk(k))])
+                for j, t in enumerate(answer) if int(t) != tok.eos_token_id]
+
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], tokenize=False,
+                                   add_generation_prompt=True)
+    want = expected(tok(text, add_special_tokens=False)["input_ids"], 8, 3)
+    got = chat(c, PROMPTS[1], max_tokens=8, logprobs=True, top_logprobs=3).choices[0].logprobs.content
+    assert len(got) == len(want) > 0
+    for g, (token, lp, top) in zip(got, want):
+        assert g.token == token and g.logprob == pytest.approx(lp, abs=2e-4)
+        assert [t.token for t in g.top_logprobs] == [t for t, _ in top]
+        assert [t.logprob for t in g.top_logprobs] == pytest.approx([v for _, v in top], abs=2e-4)
+    assert chat(c, PROMPTS[1], max_tokens=4).choices[0].logprobs is None           # only when asked
+
+    want = expected(tok("Once upon a time")["input_ids"], 6, 2)
+    got = c.completions.create(model="tiny-sft", prompt="Once upon a time", temperature=0, max_tokens=6,
+                               logprobs=2).choices[0]
+    assert got.logprobs.tokens == [t for t, _, _ in want] and "".join(got.logprobs.tokens) == got.text
+    assert got.logprobs.token_logprobs == pytest.approx([lp for _, lp, _ in want], abs=2e-4)
+    assert [list(d) for d in got.logprobs.top_logprobs] == [[t for t, _ in top] for _, _, top in want]
+    assert got.logprobs.text_offset[0] == 0
+
 BATTERY = [
     ("invalid JSON", b'{"model": "tiny-sft", "messages": [', 400),
     ("array body", [1, 2], 400),
@@ -117,6 +155,12 @@ BATTERY = [
     ("huge max_tokens", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}],
                          "max_tokens": 10 ** 9}, 400),
     ("n=2", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400),
+    ("logprobs while streaming", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}],
+                                  "logprobs": True, "stream": True}, 400),
+    ("top_logprobs without logprobs", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}],
+                                       "top_logprobs": 3}, 400),
+    ("top_logprobs 21", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                         "top_logprobs": 21}, 400),
     ("unknown model", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404),
     ("path as model", {"model": "../../../../etc/passwd", "messages": [{"role": "user", "content": "x"}]}, 404),
     ("absolute path as model", {"model": "/etc/passwd", "messages": [{"role": "user", "content": "x"}]}, 404),

@@ -56,6 +56,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None   # None: no log-probs; k: each chosen token's log-prob and the k likeliest
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +75,7 @@ class Generation:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens: list[int] = []
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []   # per token: (its log-prob, top k)
         self.length = 0                 # positions in the KV cache
         self.prefix: Prefix | None = None   # a stored prompt whose first `reused` tokens this one starts with
         self.reused = 0
@@ -101,6 +103,14 @@ class Generation:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:   # the server's event loop is closed: nobody is listening any more
             pass
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-prob of `token`, the k likeliest (token, log-prob)) under the model's own distribution, before
+    temperature and top-p, as OpenAI's API reports them."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k else None
+    return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
 
 
 def supports_slot_cache(config) -> str | None:
@@ -306,7 +316,7 @@ class Engine:
             gen.length = gen.prompt_tokens
             self.running.append(gen)
         for i, gen in enumerate(list(batch)):    # after every row is placed: a request that ends at once moves others
-            self._accept(gen, self._choose(gen, logits[i]))
+            self._accept(gen, self._choose(gen, logits[i]), logits[i])
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -322,7 +332,7 @@ class Engine:
             gen.length += 1
         for i, gen in enumerate(rows):
             token = greedy[i] if gen.sampling.greedy else self._choose(gen, logits[i])
-            self._accept(gen, token)
+            self._accept(gen, token, logits[i])
         if self.metrics is not None:
             self.metrics.step(len(rows), time.perf_counter() - started)
 
@@ -336,14 +346,16 @@ class Engine:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=gen.generator))
 
-    def _accept(self, gen: Generation, token: int) -> None:
-        """Record a generated token, stream its text, and end the request if it is done."""
+    def _accept(self, gen: Generation, token: int, logits: torch.Tensor) -> None:
+        """Record a generated token (and its log-probs when asked), stream its text, end the request if done."""
         if self.metrics is not None and not gen.tokens:
             self.metrics.ttft.observe(time.monotonic() - gen.submitted)
         if token in self.eos:
             self._leave(gen, reason="stop")
             return
         gen.tokens.append(token)
+        if gen.sampling.top_logprobs is not None:
+            gen.logprobs.append(token_logprobs(logits, token, gen.sampling.top_logprobs))
         if self.metrics is not None:
             self.metrics.tokens(1)
         piece = gen.stream.add(token)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import time
+from itertools import accumulate
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -99,7 +100,7 @@ class LanguageService:
             raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus {param} ({wanted}) exceeds this model's "
                            f"context of {self.max_model_len} tokens", param=param, code="context_length_exceeded")
         return Sampling(max_tokens=wanted, temperature=float(body.temperature), top_p=float(body.top_p),
-                        seed=body.seed, stop=body.stop_list)
+                        seed=body.seed, stop=body.stop_list, top_logprobs=body.top_logprobs_wanted)
 
     async def _respond(self, request: Request, body: GenerationRequest, ids: list[int], chat: bool, prompt: str):
         audit = request.state.audit
@@ -115,7 +116,7 @@ class LanguageService:
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down") from None
         self.metrics.prompt_tokens.inc(len(ids))
-        reply = Reply(chat, body.model)
+        reply = Reply(chat, body.model, self.tokenizer)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(gen, reply, audit, usage), media_type="text/event-stream",
@@ -181,8 +182,8 @@ class LanguageService:
 class Reply:
     """OpenAI response bodies for one request (chat.completion or text_completion, whole or as chunks)."""
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, tokenizer):
+        self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
@@ -196,13 +197,31 @@ class Reply:
                 "total_tokens": gen.prompt_tokens + gen.completion_tokens}
 
     def full(self, text: str, reason: str, gen: Generation) -> dict:
+        logprobs = self.logprobs(gen) if gen.sampling.top_logprobs is not None else None
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                      "logprobs": None}
+                      "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": logprobs}
         return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
                 "usage": self.usage(gen)}
+
+    def logprobs(self, gen: Generation) -> dict:
+        """Each generated token's log-prob and its alternatives: chat's `content` list, or the legacy
+        completions object (tokens, token_logprobs, top_logprobs, text_offset). Tokens are their own decoded
+        text, as OpenAI gives them; a token ending inside a UTF-8 character shows as U+FFFD."""
+        def text(token: int) -> str:
+            return self.tokenizer.decode([token])
+
+        tokens = [text(t) for t in gen.tokens]
+        if self.chat:
+            return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+                                 "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())}
+                                                  for t, v in top]}
+                                for tok, (lp, top) in zip(tokens, gen.logprobs)], "refusal": None}
+        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=0))[:len(tokens)]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in gen.logprobs],
+                "top_logprobs": [{text(t): v for t, v in top} for _, top in gen.logprobs], "text_offset": offsets}
 
     def chunk(self, delta, reason: str | None) -> str:
         if self.chat:

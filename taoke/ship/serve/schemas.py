@@ -1,17 +1,19 @@
 """Request bodies of the OpenAI-compatible API (and /v1/classify), validated with pydantic.
 
 Types are strict (a string where a number belongs is an error, as in OpenAI's API), fields OpenAI clients
-send that change nothing here are ignored, and fields this server cannot honour (n > 1, logprobs) are
-refused by name rather than silently dropped.
+send that change nothing here are ignored, and fields this server cannot honour (n > 1, log-probs while
+streaming) are refused by name rather than silently dropped.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError,
+                      model_validator)
 
 Number = Union[StrictFloat, StrictInt]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]   # OpenAI's chat limit; vLLM takes the same for completions
 
 
 class Unsupported(ValueError):
@@ -56,13 +58,17 @@ class GenerationRequest(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: StrictBool | StrictInt | None = None
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        """None: no log-probs; k: each token's log-prob and its k likeliest alternatives."""
+        return None
 
     def check_supported(self) -> None:
         if self.n != 1:
             raise Unsupported("n", "only n=1 is supported")
-        if self.logprobs:
-            raise Unsupported("logprobs", "logprobs are not supported")
+        if self.stream and self.top_logprobs_wanted is not None:
+            raise Unsupported("logprobs", "logprobs are not supported with stream=true; ask without streaming")
 
     @property
     def stop_list(self) -> list[str]:
@@ -75,10 +81,27 @@ class GenerationRequest(BaseModel):
 
 class ChatRequest(GenerationRequest):
     messages: Annotated[list[Message], Field(min_length=1)]
+    logprobs: StrictBool = False
+    top_logprobs: TopLogprobs | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(GenerationRequest):
     prompt: Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=1)]]
+    logprobs: TopLogprobs | None = None   # the legacy API's integer: how many alternatives per token
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:
