@@ -107,3 +107,77 @@ def test_unknown_suffix_is_a_user_error(tmp_path):
     (tmp_path / "w.xyz").write_text("x")
     with pytest.raises(ModelError):
         open_weights(str(tmp_path / "w.xyz"))
+
+
+def _gguf_py_view(path):
+    """(metadata, [(name, shape, type, float32 values)]) of a GGUF file as gguf-py's own GGUFReader reads it."""
+    import gguf
+    from gguf.quants import dequantize
+
+    r = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    tensors = [(t.name, tuple(reversed(t.shape.tolist())), t.tensor_type,
+                np.asarray(dequantize(t.data, t.tensor_type), np.float32)) for t in r.tensors]
+    return meta, tensors
+
+
+def _assert_header_matches_gguf_py(path):
+    from gguf.quants import dequantize
+
+    from taoke.formats.gguf_header import read_header
+
+    want_meta, want = _gguf_py_view(path)
+    meta, got = read_header(path, np.fromfile(path, dtype=np.uint8))
+    assert list(meta) == list(want_meta)
+    for key, value in want_meta.items():
+        got_value = meta[key]
+        if key == "t.nested":   # gguf-py's contents() flattens nested arrays; the parser keeps their structure
+            assert got_value == [[1, 2], [3]]
+            got_value = [x for inner in got_value for x in inner]
+        assert np.array_equal(np.asarray(got_value, dtype=object), np.asarray(value, dtype=object)), key
+    assert [t.name for t in got] == [name for name, *_ in want]
+    for t, (name, shape, qtype, values) in zip(got, want):
+        assert (t.shape, t.qtype) == (shape, qtype), name
+        np.testing.assert_array_equal(np.asarray(dequantize(t.data, t.qtype), np.float32).reshape(shape),
+                                      values.reshape(shape))
+
+
+def test_gguf_header_reads_what_gguf_py_reads_for_every_value_and_tensor_type(tmp_path):
+    """taoke's one-pass header parser against gguf-py's GGUFReader on a file gguf-py's writer made: metadata of every
+    value type (nested arrays too) and tensors of every type gguf-py can write."""
+    import gguf
+    from gguf.quants import quantize
+
+    Q = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int16("t.i16", -3)
+    w.add_uint32("t.u32", 1 << 31)
+    w.add_int64("t.i64", -(1 << 40))
+    w.add_uint64("t.u64", 1 << 63)
+    w.add_float32("t.f32", 0.5)
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo, 世界")
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.25, 1.5])
+    w.add_array("t.strs", ["a", "", "ü"])
+    w.add_array("t.nested", [[1, 2], [3]])
+    w.add_token_list([f"tok{i}" for i in range(300)])
+    for qtype in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
+        x = rng.standard_normal((3, 2, 64)).astype(np.float32) if qtype == Q.F32 else \
+            rng.standard_normal((48, 64)).astype(np.float32)
+        w.add_tensor(f"w.{qtype.name}", quantize(x, qtype), raw_dtype=qtype)
+    w.add_tensor("norm", rng.standard_normal(64).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    _assert_header_matches_gguf_py(tmp_path / "all.gguf")
+
+
+def test_gguf_header_reads_the_real_smollm2_file_as_gguf_py_does():
+    from taoke.library import resolve
+
+    _assert_header_matches_gguf_py(resolve("smollm2-135m").path)

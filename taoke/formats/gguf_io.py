@@ -1,4 +1,5 @@
-"""GGUF reader through gguf-py: dequantises each tensor on read and undoes llama.cpp's q/k row permutation.
+"""GGUF reader: the header parsed by gguf_header, each tensor dequantised by gguf-py on read, and llama.cpp's q/k
+row permutation undone.
 
 llama.cpp's converter interleaves the rotary halves of q/k rows for LLaMA-style models; undoing it makes a GGUF
 and the HF safetensors of the same model identical tensor for tensor.
@@ -16,9 +17,11 @@ from gguf.quants import dequantize
 
 from taoke.errors import FormatError
 from taoke.formats.base import TensorMeta, WeightReader
+from taoke.formats.gguf_header import read_header
 
 # Architectures whose HF->GGUF conversion permutes q/k rows (convert_hf_to_gguf.py LlamaModel and subclasses).
 PERMUTED_QK_ARCHS = {"llama", "mistral", "granite", "deci"}
+BIG_ENDIAN_FLOATS = {"F32": ">f4", "F16": ">f2"}
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -27,21 +30,10 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception:  # malformed or exotic field types: metadata is best effort
-        return default
-
-
 # Smallest encodings of a metadata entry (key length, type, 1-byte value) and of a tensor record (name length,
 # dim count, type, offset): a header claiming more entries than the file could hold is refused before parsing.
 _MIN_KV_BYTES = 8 + 4 + 1
 _MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
-_MAX_DIMS = 4   # GGML_MAX_DIMS
 
 
 def check_counts(path: Path) -> None:
@@ -69,22 +61,6 @@ def _int_field(value, name: str, path: Path) -> int | None:
     return int(value)
 
 
-def _fast_reader_class():
-    class _PlainArrayReader(gguf.GGUFReader):
-        # gguf-py slices a np.memmap thousands of times; memmap's per-slice bookkeeping makes opening a 100 MB
-        # file take seconds. A plain ndarray view of the same mapping reads the same bytes without it.
-        @property
-        def data(self):
-            return self._data
-
-        @data.setter
-        def data(self, value):
-            self.mapping = getattr(value, "_mmap", None)   # the mmap.mmap behind np.memmap, for madvise
-            self._data = value.view(np.ndarray)
-
-    return _PlainArrayReader
-
-
 class GGUFWeightReader(WeightReader):
     format = "gguf"
 
@@ -93,45 +69,40 @@ class GGUFWeightReader(WeightReader):
         path = Path(path)
         try:
             check_counts(path)
-            self._reader = _fast_reader_class()(str(path))
+            with open(path, "rb") as f:
+                self._mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._bytes = np.frombuffer(self._mapping, dtype=np.uint8)
+            meta, tensors = read_header(path, self._bytes)
         except FormatError:
             raise
         except OSError as e:
             raise FormatError(f"{path}: cannot be read ({e.strerror or e})") from None
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - gguf-py reports malformed bytes as Value/Index/Key/Unicode errors
-            raise FormatError(f"{path}: malformed GGUF ({e.__class__.__name__}: {str(e)[:120]})") from None
-        r = self._reader
-        self.arch = str(_field(r, "general.architecture", "unknown"))
+        except ValueError as e:   # mmap of an empty file
+            raise FormatError(f"{path}: not a GGUF file ({e})") from None
+        self.arch = str(meta.get("general.architecture", "unknown"))
         a = self.arch
         self.config = {k: v for k, v in {
             "model_type": a,
-            "hidden_size": _field(r, f"{a}.embedding_length"),
-            "intermediate_size": _field(r, f"{a}.feed_forward_length"),
-            "num_hidden_layers": _field(r, f"{a}.block_count"),
-            "num_attention_heads": _field(r, f"{a}.attention.head_count"),
-            "num_key_value_heads": _field(r, f"{a}.attention.head_count_kv"),
-            "max_position_embeddings": _field(r, f"{a}.context_length"),
-            "rms_norm_eps": _field(r, f"{a}.attention.layer_norm_rms_epsilon"),
-            "rope_theta": _field(r, f"{a}.rope.freq_base"),
-            "vocab_size": _field(r, f"{a}.vocab_size"),
-            "bos_token_id": _field(r, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": _field(r, "tokenizer.ggml.eos_token_id"),
+            "hidden_size": meta.get(f"{a}.embedding_length"),
+            "intermediate_size": meta.get(f"{a}.feed_forward_length"),
+            "num_hidden_layers": meta.get(f"{a}.block_count"),
+            "num_attention_heads": meta.get(f"{a}.attention.head_count"),
+            "num_key_value_heads": meta.get(f"{a}.attention.head_count_kv"),
+            "max_position_embeddings": meta.get(f"{a}.context_length"),
+            "rms_norm_eps": meta.get(f"{a}.attention.layer_norm_rms_epsilon"),
+            "rope_theta": meta.get(f"{a}.rope.freq_base"),
+            "vocab_size": meta.get(f"{a}.vocab_size"),
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         }.items() if v is not None}
         for key in ("num_attention_heads", "num_key_value_heads"):
             self.config[key] = _int_field(self.config.get(key), key, path)
         self.config = {k: v for k, v in self.config.items() if v is not None}
-        tokens = _field(r, "tokenizer.ggml.tokens")
+        tokens = meta.get("tokenizer.ggml.tokens")
         self.tokens = [str(t) for t in tokens] if isinstance(tokens, list) and tokens else None
-        self._by_name = {}
-        size = path.stat().st_size
-        for t in r.tensors:
-            if len(t.shape) > _MAX_DIMS or t.data_offset + t.data.nbytes > size:
-                raise FormatError(f"{path}: tensor {t.name[:80]!r} has {len(t.shape)} dims or lies outside the file")
-            shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-            self._by_name[t.name] = t
-            self._meta[t.name] = TensorMeta(t.name, shape, t.tensor_type.name)
+        self._by_name = {t.name: t for t in tensors}
+        for t in tensors:
+            self._meta[t.name] = TensorMeta(t.name, t.shape, t.qtype.name)
         if self.tokens and "vocab_size" not in self.config:
             self.config["vocab_size"] = len(self.tokens)
         self.config["tie_word_embeddings"] = "output.weight" not in self._meta
@@ -139,9 +110,12 @@ class GGUFWeightReader(WeightReader):
     def _read(self, name: str) -> np.ndarray:
         t = self._by_name[name]
         try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(self._meta[name].shape)
+            if t.byte_order == ">" and t.qtype.name in BIG_ENDIAN_FLOATS:   # gguf-py's dequantize assumes little
+                w = t.data.view(BIG_ENDIAN_FLOATS[t.qtype.name]).astype(np.float32).reshape(self._meta[name].shape)
+            else:
+                w = np.asarray(dequantize(t.data, t.qtype), dtype=np.float32).reshape(self._meta[name].shape)
         except (ValueError, NotImplementedError, TypeError) as e:
-            raise FormatError(f"{self.path}: tensor {name[:80]!r} ({t.tensor_type.name}, shape "
+            raise FormatError(f"{self.path}: tensor {name[:80]!r} ({t.qtype.name}, shape "
                               f"{self._meta[name].shape}) cannot be decoded ({str(e)[:100]})") from None
         if np.may_share_memory(w, t.data):  # float32 storage comes back as a view of the mapping
             w = w.copy()
@@ -159,12 +133,11 @@ class GGUFWeightReader(WeightReader):
     def _release(self, block: np.ndarray) -> None:
         """Unmap the pages of a tensor just read: touched pages of a mapping count in RSS until then, so a
         multi-GB file would grow RSS with the model. The file is mapped read-only; a later read faults them back."""
-        mapping = getattr(self._reader, "mapping", None)
-        if mapping is None or not hasattr(mapping, "madvise") or block.nbytes == 0 \
-                or not np.may_share_memory(block, self._reader.data):
+        mapping = self._mapping
+        if not hasattr(mapping, "madvise") or block.nbytes == 0 or not np.may_share_memory(block, self._bytes):
             return
         page = mmap.PAGESIZE
-        start = block.__array_interface__["data"][0] - self._reader.data.__array_interface__["data"][0]
+        start = block.__array_interface__["data"][0] - self._bytes.__array_interface__["data"][0]
         first = start // page * page
         end = min(-(-(start + block.nbytes) // page) * page, len(mapping))
         mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
