@@ -209,7 +209,8 @@ class Reply:
     def logprobs(self, gen: Generation) -> dict:
         """Each generated token's log-prob and its alternatives: chat's `content` list, or the legacy
         completions object (tokens, token_logprobs, top_logprobs, text_offset). Tokens are their own decoded
-        text, as OpenAI gives them; a token ending inside a UTF-8 character shows as U+FFFD."""
+        text, as OpenAI gives them; a token ending inside a UTF-8 character shows as U+FFFD. Every generated token
+        is listed: where a stop string ended the answer, the tokens that spelled it too, though the text ends before."""
         def text(token: int) -> str:
             return self.tokenizer.decode([token])
 
