@@ -12,13 +12,16 @@ output (or tied token embedding) at Q6_K, which gguf-py cannot write; taoke keep
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from gguf.quants import quantize
 
-from taoke.errors import ModelError
+from taoke.errors import FormatError, ModelError
+from taoke.formats.gguf_header import read_header
 
 Q = gguf.GGMLQuantizationType
 # --quant name -> (tensor type of the 2-D weights, general.file_type)
@@ -124,14 +127,11 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
 def stored_quant(path: Path) -> str | None:
     """The type most 2-D tensors of a GGUF file are stored in (header only; None when unreadable)."""
     try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError):
+        _, tensors = read_header(path, np.memmap(path, dtype=np.uint8, mode="r"))
+    except (OSError, ValueError, FormatError):
         return None
-    kinds: dict[str, int] = {}
-    for t in reader.tensors:
-        if len(t.shape) == 2:
-            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return max(kinds, key=kinds.get) if kinds else None
+    kinds = Counter(t.qtype.name for t in tensors if len(t.shape) == 2)
+    return kinds.most_common(1)[0][0] if kinds else None
 
 
 # base's stored type -> export types whose grid holds every point of the base's grid (a 5-bit step is half the
