@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from taoke.ship.serve.app import ServeSettings, check_model, read_body
 from taoke.ship.serve.engine import SHUT_DOWN, Engine, Generation, QueueFull, Sampling, ShuttingDown
 from taoke.ship.serve.errors import ApiError
-from taoke.ship.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest
+from taoke.ship.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest, Unsupported
 
 POLL_S = 0.5   # how often a non-streaming request checks that its client is still there
 
@@ -81,6 +81,8 @@ class LanguageService:
     def _check(self, body: GenerationRequest) -> None:
         check_model(self.settings, body.model)
         body.check_supported()
+        if body.stream and body.top_logprobs_wanted is not None:   # a proxied vLLM streams them; this engine does not
+            raise Unsupported("logprobs", "logprobs are not supported with stream=true; ask without streaming")
 
     def _sampling(self, body: GenerationRequest, prompt_tokens: int) -> Sampling:
         cap = self.settings.max_tokens_cap

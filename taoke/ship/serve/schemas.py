@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API (and /v1/classify), validated with pydantic.
 
 Types are strict (a string where a number belongs is an error, as in OpenAI's API), fields OpenAI clients
-send that change nothing here are ignored, and fields this server cannot honour (n > 1, log-probs while
-streaming) are refused by name rather than silently dropped.
+send that change nothing here are ignored, and fields this server cannot honour (n > 1; log-probs while
+streaming, on taoke's own engine) are refused by name rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -67,8 +67,6 @@ class GenerationRequest(BaseModel):
     def check_supported(self) -> None:
         if self.n != 1:
             raise Unsupported("n", "only n=1 is supported")
-        if self.stream and self.top_logprobs_wanted is not None:
-            raise Unsupported("logprobs", "logprobs are not supported with stream=true; ask without streaming")
 
     @property
     def stop_list(self) -> list[str]:
