@@ -101,10 +101,10 @@ def test_concurrent_greedy_outputs_equal_model_generate_alone(server, lm_run):
                                                                             KEYS["bob"])   # steps were shared
 
 
-
 def test_logprobs_are_the_models_own_log_softmax(server, lm_run):
     """Chat (logprobs + top_logprobs) and legacy completions (an integer logprobs), read with the openai client,
-    against the model's own forward pass over the prompt and transformers' greedy answer."""
+    against the model's own forward pass over the prompt and transformers' greedy answer; streamed chunks carry the
+    same tokens between them."""
     pred = taoke.load(lm_run)
     tok, model = pred.tokenizer, pred.model
     c = client(server.url)
@@ -130,6 +130,12 @@ def test_logprobs_are_the_models_own_log_softmax(server, lm_run):
         assert [t.token for t in g.top_logprobs] == [t for t, _ in top]
         assert [t.logprob for t in g.top_logprobs] == pytest.approx([v for _, v in top], abs=2e-4)
     assert chat(c, PROMPTS[1], max_tokens=4).choices[0].logprobs is None           # only when asked
+    chunks = [ch.choices[0] for ch in chat(c, PROMPTS[1], max_tokens=8, logprobs=True, top_logprobs=3, stream=True)
+              if ch.choices]
+    streamed = [t for ch in chunks if ch.logprobs for t in ch.logprobs.content]  # each chunk: the tokens of its text
+    assert [t.token for t in streamed] == [t.token for t in got]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in got], abs=2e-4)
+    assert all(ch.logprobs is None for ch in chunks if not (ch.delta.content or ch.finish_reason))
 
     want = expected(tok("Once upon a time")["input_ids"], 6, 2)
     got = c.completions.create(model="tiny-sft", prompt="Once upon a time", temperature=0, max_tokens=6,
@@ -138,6 +144,12 @@ def test_logprobs_are_the_models_own_log_softmax(server, lm_run):
     assert got.logprobs.token_logprobs == pytest.approx([lp for _, lp, _ in want], abs=2e-4)
     assert [list(d) for d in got.logprobs.top_logprobs] == [[t for t, _ in top] for _, _, top in want]
     assert got.logprobs.text_offset[0] == 0
+    pieces = [ch.choices[0].logprobs for ch in c.completions.create(
+        model="tiny-sft", prompt="Once upon a time", temperature=0, max_tokens=6, logprobs=2, stream=True)
+        if ch.choices and ch.choices[0].logprobs]
+    assert [t for lp in pieces for t in lp.tokens] == got.logprobs.tokens
+    assert [o for lp in pieces for o in lp.text_offset] == got.logprobs.text_offset
+
 
 BATTERY = [
     ("invalid JSON", b'{"model": "tiny-sft", "messages": [', 400),
@@ -155,8 +167,6 @@ BATTERY = [
     ("huge max_tokens", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}],
                          "max_tokens": 10 ** 9}, 400),
     ("n=2", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400),
-    ("logprobs while streaming", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}],
-                                  "logprobs": True, "stream": True}, 400),
     ("top_logprobs without logprobs", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}],
                                        "top_logprobs": 3}, 400),
     ("top_logprobs 21", {"model": "tiny-sft", "messages": [{"role": "user", "content": "x"}], "logprobs": True,

@@ -76,6 +76,7 @@ class Generation:
         self.events: asyncio.Queue = asyncio.Queue()
         self.tokens: list[int] = []
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []   # per token: (its log-prob, top k)
+        self.marks: deque[int] = deque()   # per ("text", piece) event, in order: how many tokens its text covers to
         self.length = 0                 # positions in the KV cache
         self.prefix: Prefix | None = None   # a stored prompt whose first `reused` tokens this one starts with
         self.reused = 0
@@ -97,6 +98,10 @@ class Generation:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def _send_text(self, piece: str) -> None:
+        self.marks.append(len(self.tokens))
+        self._send("text", piece)
 
     def _send(self, kind: str, value) -> None:
         try:
@@ -360,7 +365,7 @@ class Engine:
             self.metrics.tokens(1)
         piece = gen.stream.add(token)
         if piece:
-            gen._send("text", piece)
+            gen._send_text(piece)
         if gen.stream.stopped:
             self._leave(gen, reason="stop")
         elif len(gen.tokens) >= gen.sampling.max_tokens or gen.length + 1 >= self.max_model_len:
@@ -382,7 +387,7 @@ class Engine:
         if error is None and not gen.cancelled:
             tail = gen.stream.finish()
             if tail:
-                gen._send("text", tail)
+                gen._send_text(tail)
             gen.finish_reason = reason
             gen._send("done", reason)
             self.mean_seconds = 0.8 * self.mean_seconds + 0.2 * (time.monotonic() - gen.submitted)

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from taoke.ship.serve.app import ServeSettings, check_model, read_body
 from taoke.ship.serve.engine import SHUT_DOWN, Engine, Generation, QueueFull, Sampling, ShuttingDown
 from taoke.ship.serve.errors import ApiError
-from taoke.ship.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest, Unsupported
+from taoke.ship.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest
 
 POLL_S = 0.5   # how often a non-streaming request checks that its client is still there
 
@@ -81,8 +81,6 @@ class LanguageService:
     def _check(self, body: GenerationRequest) -> None:
         check_model(self.settings, body.model)
         body.check_supported()
-        if body.stream and body.top_logprobs_wanted is not None:   # a proxied vLLM streams them; this engine does not
-            raise Unsupported("logprobs", "logprobs are not supported with stream=true; ask without streaming")
 
     def _sampling(self, body: GenerationRequest, prompt_tokens: int) -> Sampling:
         cap = self.settings.max_tokens_cap
@@ -153,12 +151,17 @@ class LanguageService:
     async def _stream(self, gen: Generation, reply: "Reply", audit: dict, usage: bool):
         try:
             yield reply.chunk({"role": "assistant", "content": ""} if reply.chat else "", None)
+            sent = 0    # tokens whose log-probs went out with earlier chunks
             while True:
                 kind, value = await gen.events.get()
                 if kind == "text":
-                    yield reply.chunk({"content": value} if reply.chat else value, None)
-                elif kind == "done":
-                    yield reply.chunk({} if reply.chat else "", value)
+                    upto = gen.marks.popleft()
+                    delta = {"content": value} if reply.chat else value
+                    yield reply.chunk(delta, None, reply.logprobs(gen, sent, upto))
+                    sent = upto
+                elif kind == "done":   # with any tokens no text went out for (a stop string's)
+                    rest = reply.logprobs(gen, sent) if len(gen.tokens) > sent else None
+                    yield reply.chunk({} if reply.chat else "", value, rest)
                     if usage:
                         yield reply.usage_chunk(gen)
                     audit["finish_reason"] = value
@@ -186,6 +189,7 @@ class Reply:
 
     def __init__(self, chat: bool, model: str, tokenizer):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
+        self.pieces: list[str] = []    # each generated token's own decoded text, decoded once
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
@@ -199,7 +203,7 @@ class Reply:
                 "total_tokens": gen.prompt_tokens + gen.completion_tokens}
 
     def full(self, text: str, reason: str, gen: Generation) -> dict:
-        logprobs = self.logprobs(gen) if gen.sampling.top_logprobs is not None else None
+        logprobs = self.logprobs(gen)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
                       "logprobs": logprobs}
@@ -208,29 +212,36 @@ class Reply:
         return {**self._base("chat.completion" if self.chat else "text_completion"), "choices": [choice],
                 "usage": self.usage(gen)}
 
-    def logprobs(self, gen: Generation) -> dict:
-        """Each generated token's log-prob and its alternatives: chat's `content` list, or the legacy
-        completions object (tokens, token_logprobs, top_logprobs, text_offset). Tokens are their own decoded
-        text, as OpenAI gives them; a token ending inside a UTF-8 character shows as U+FFFD. Every generated token
-        is listed: where a stop string ended the answer, the tokens that spelled it too, though the text ends before."""
+    def logprobs(self, gen: Generation, start: int = 0, end: int | None = None) -> dict | None:
+        """Log-probs of generated tokens start..end (None when the request did not ask): chat's `content` list, or
+        the legacy completions object (tokens, token_logprobs, top_logprobs, text_offset). Tokens are their own
+        decoded text, as OpenAI gives them; a token ending inside a UTF-8 character shows as U+FFFD. Every
+        generated token is listed: where a stop string ended the answer, the tokens that spelled it too."""
+        if gen.sampling.top_logprobs is None:
+            return None
+        end = len(gen.logprobs) if end is None else end
+        entries = gen.logprobs[start:end]     # a copy: the engine thread may append meanwhile
+        end = start + len(entries)
+        self.pieces += [self.tokenizer.decode([t]) for t in gen.tokens[len(self.pieces):end]]
+        tokens = self.pieces[start:end]
+
         def text(token: int) -> str:
             return self.tokenizer.decode([token])
 
-        tokens = [text(t) for t in gen.tokens]
         if self.chat:
             return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
                                  "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())}
                                                   for t, v in top]}
-                                for tok, (lp, top) in zip(tokens, gen.logprobs)], "refusal": None}
-        offsets = list(accumulate((len(t) for t in tokens[:-1]), initial=0))[:len(tokens)]
-        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in gen.logprobs],
-                "top_logprobs": [{text(t): v for t, v in top} for _, top in gen.logprobs], "text_offset": offsets}
+                                for tok, (lp, top) in zip(tokens, entries)], "refusal": None}
+        offsets = list(accumulate((len(t) for t in self.pieces[:end]), initial=0))[start:end]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [{text(t): v for t, v in top} for _, top in entries], "text_offset": offsets}
 
-    def chunk(self, delta, reason: str | None) -> str:
+    def chunk(self, delta, reason: str | None, logprobs: dict | None = None) -> str:
         if self.chat:
-            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}
+            choice = {"index": 0, "text": delta, "finish_reason": reason, "logprobs": logprobs}
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return f"data: {json.dumps({**self._base(obj), 'choices': [choice]}, ensure_ascii=False)}\n\n"
 

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI-compatible API (and /v1/classify), validated with pydantic.
 
 Types are strict (a string where a number belongs is an error, as in OpenAI's API), fields OpenAI clients
-send that change nothing here are ignored, and fields this server cannot honour (n > 1; log-probs while
-streaming, on taoke's own engine) are refused by name rather than silently dropped.
+send that change nothing here are ignored, and fields this server cannot honour (n > 1) are refused by name
+rather than silently dropped.
 """
 
 from __future__ import annotations
