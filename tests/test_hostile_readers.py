@@ -79,6 +79,13 @@ def test_gguf_truncated(tmp_path, keep):
     refused(path)
 
 
+def test_gguf_tensor_listed_twice(tmp_path):
+    path = hf.gguf_file(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"blk.0.attn_k.weight", b"blk.0.attn_q.weight", 1))   # same length: layout kept
+    refused(path, "listed twice")
+
+
 def test_gguf_head_count_that_does_not_divide_the_rows(tmp_path):
     path = hf.gguf_file(tmp_path)
     data = path.read_bytes()

@@ -97,10 +97,13 @@ def read_header(path, buf: np.ndarray) -> tuple[dict, list[TensorRecord]]:
     for _ in range(n_kv):
         key = cur.string("a metadata key")
         meta[key] = cur.value(cur.scalar("I", f"metadata '{key[:60]}'"), f"metadata '{key[:60]}'")
-    infos = []
+    infos, seen = [], set()
     for _ in range(n_tensors):
         name = cur.string("a tensor name")
         what = f"tensor '{name[:60]}'"
+        if name in seen:
+            raise FormatError(f"{path}: {what} is listed twice in the header; which one holds the weights is unknown")
+        seen.add(name)
         n_dims = cur.scalar("I", what)
         if n_dims > MAX_DIMS:
             raise FormatError(f"{path}: {what} has {n_dims} dims; GGUF allows at most {MAX_DIMS}")
