@@ -24,6 +24,10 @@ _SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I
 _NUMPY = {V.UINT8: "u1", V.INT8: "i1", V.UINT16: "u2", V.INT16: "i2", V.UINT32: "u4", V.INT32: "i4",
           V.FLOAT32: "f4", V.BOOL: "?", V.UINT64: "u8", V.INT64: "i8", V.FLOAT64: "f8"}
 MAX_DIMS = 4   # GGML_MAX_DIMS
+# Smallest encodings of a metadata entry (key length, type, 1-byte value) and of a tensor record (name length,
+# dim count, type, offset): a header claiming more entries than the file could hold is refused before parsing.
+MIN_KV_BYTES = 8 + 4 + 1
+MIN_TENSOR_BYTES = 8 + 4 + 4 + 8
 MAX_NESTING = 8   # arrays of arrays: deeper than any writer makes, shallow enough for Python's stack
 
 
@@ -93,6 +97,9 @@ def read_header(path, buf: np.ndarray) -> tuple[dict, list[TensorRecord]]:
     if version not in (2, 3):
         raise FormatError(f"{path}: GGUF version {version}; taoke reads versions 2 and 3")
     n_tensors, n_kv = cur.scalar("Q", "tensor count"), cur.scalar("Q", "metadata count")
+    if n_tensors * MIN_TENSOR_BYTES + n_kv * MIN_KV_BYTES > len(view) - cur.at:
+        raise FormatError(f"{path}: header claims {n_tensors} tensors and {n_kv} metadata entries; a file of "
+                          f"{len(view)} bytes cannot hold them")
     meta = {}
     for _ in range(n_kv):
         key = cur.string("a metadata key")

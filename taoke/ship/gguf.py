@@ -16,12 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 from gguf.quants import quantize
 
 from taoke.errors import FormatError, ModelError
-from taoke.formats.gguf_header import read_header
+from taoke.formats.gguf_io import GGUFWeightReader
 
 Q = gguf.GGMLQuantizationType
 # --quant name -> (tensor type of the 2-D weights, general.file_type)
@@ -127,10 +126,10 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
 def stored_quant(path: Path) -> str | None:
     """The type most 2-D tensors of a GGUF file are stored in (header only; None when unreadable)."""
     try:
-        _, tensors = read_header(path, np.memmap(path, dtype=np.uint8, mode="r"))
-    except (OSError, ValueError, FormatError):
+        reader = GGUFWeightReader(path)
+    except FormatError:
         return None
-    kinds = Counter(t.qtype.name for t in tensors if len(t.shape) == 2)
+    kinds = Counter(t.dtype for t in reader.tensors() if len(t.shape) == 2)
     return kinds.most_common(1)[0][0] if kinds else None
 
 
