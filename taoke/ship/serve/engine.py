@@ -114,8 +114,10 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, lis
     """(log-prob of `token`, the k likeliest (token, log-prob)) under the model's own distribution, before
     temperature and top-p, as OpenAI's API reports them."""
     lp = torch.log_softmax(logits.float(), -1)
-    top = lp.topk(k) if k else None
-    return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    if not k:
+        return float(lp[token]), []
+    top = lp.topk(k)
+    return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def supports_slot_cache(config) -> str | None:

@@ -225,17 +225,17 @@ class Reply:
         self.pieces += [self.tokenizer.decode([t]) for t in gen.tokens[len(self.pieces):end]]
         tokens = self.pieces[start:end]
 
-        def text(token: int) -> str:
-            return self.tokenizer.decode([token])
+        tops = [[(self.tokenizer.decode([t]), v) for t, v in top] for _, top in entries]
+
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
         if self.chat:
-            return {"content": [{"token": tok, "logprob": lp, "bytes": list(tok.encode()),
-                                 "top_logprobs": [{"token": text(t), "logprob": v, "bytes": list(text(t).encode())}
-                                                  for t, v in top]}
-                                for tok, (lp, top) in zip(tokens, entries)], "refusal": None}
+            return {"content": [{**entry(tok, lp), "top_logprobs": [entry(*alt) for alt in top]}
+                                for tok, (lp, _), top in zip(tokens, entries, tops)], "refusal": None}
         offsets = list(accumulate((len(t) for t in self.pieces[:end]), initial=0))[start:end]
         return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
-                "top_logprobs": [{text(t): v for t, v in top} for _, top in entries], "text_offset": offsets}
+                "top_logprobs": [dict(top) for top in tops], "text_offset": offsets}
 
     def chunk(self, delta, reason: str | None, logprobs: dict | None = None) -> str:
         if self.chat:
