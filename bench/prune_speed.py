@@ -4,15 +4,17 @@ fine-tuned) vs the unpruned derived model it was cut from: PyTorch fp32 CPU late
     .venv/bin/python bench/prune_speed.py [--run RUN] [--repeats 5] [--threads 2] [--heal-epochs 8] [--heal-lr 1e-4]
                                           [--seeds 0,1,2] [--distill 0.5]
 
-Without --run it derives text-topics into runs/bench-topics. The pruned model is derived from that run with
-`edits: [{prune: {mlp: 0.3, heads: 0.25, by: activation}}]` and healed with the recipe's own training (early
-stopping on validation macro-F1, best epoch kept) at --heal-lr, once per seed in --seeds (runs/<run>-pruned-lr<lr>-s<seed>;
-an existing run there is reused). The test split has 141 rows, where one row moves macro-F1 by up to a point and a
-heal seed by several, so quality is the median over the seeds, with each seed's figure beside it. Speed: the
-unpruned model and the first seed's pruned model (every seed has the same widths) score the same rows in the two
-shapes of bench/export_speed.py (the test split as is, and each text repeated to 128 tokens), in PyTorch eager
-and in ONNX Runtime (each exported to ONNX fp32 beside its run): batch-1 p50/p95, batch-32 rows/s, interleaved
-rounds, medians with min-max; each runtime's speed-up is against the unpruned model in the same runtime.
+Without --run it derives text-topics into runs/bench-topics. The pruned model is derived from that run with `edits:
+[{prune: {mlp: 0.3, heads: 0.25, by: activation, round_to: R}}]` (R: --round-to, 16 as in recipes) and healed with the
+recipe's own training (early stopping on validation macro-F1, best epoch kept) at --heal-lr, once per seed in --seeds
+(runs/<run>-pruned-r<R>-lr<lr>-s<seed>; an existing run there is reused). --exact-widths also prunes with round_to 1
+(1075 units kept of 1536) and times that model too, to show what the rounding is worth. The test split has 141 rows,
+where one row moves macro-F1 by up to a point and a heal seed by several, so quality is the median over the seeds,
+with each seed's figure beside it. Speed: the unpruned model and the first seed's pruned model (every seed has the
+same widths) score the same rows in the two shapes of bench/export_speed.py (the test split as is, and each text
+repeated to 128 tokens), in PyTorch eager and in ONNX Runtime (each exported to ONNX fp32 beside its run): batch-1
+p50/p95, batch-32 rows/s, interleaved rounds, medians with min-max; each runtime's speed-up is against the unpruned
+model in the same runtime.
 With --distill W the pruned models are also healed with `train.distill: {teacher: base, weight: W}`: the unpruned
 run teaches the pruned one (Hinton-style soft targets, as Minitron heals its pruned models).
 Goal (issue 13): >= 1.3x faster at <= 2 points macro-F1 below the unpruned derived model.
@@ -47,14 +49,18 @@ def ensure_unpruned(run: Path | None) -> Path:
     return run
 
 
-def ensure_healed(run: Path, seed: int, epochs: int, lr: float, distill: float = 0.0, compensate: bool = True) -> Path:
-    """The unpruned run, pruned and healed with this seed (derived when the folder is not a run yet)."""
+def ensure_healed(run: Path, seed: int, epochs: int, lr: float, distill: float = 0.0, compensate: bool = True,
+                  round_to: int = 16) -> Path:
+    """The unpruned run, pruned and healed with this seed (derived when the folder is not a run yet). Runs pruned to
+    exact widths (round_to 1, the only kind before round_to existed) keep the folder names they had."""
     import taoke
 
     kd = f"-kd{distill:g}" if distill else ""
-    out = run.parent / f"{run.name}-pruned{kd}{'' if compensate else '-nocomp'}-lr{lr:g}-s{seed}"
+    rounded = f"-r{round_to}" if round_to != 1 else ""
+    out = run.parent / f"{run.name}-pruned{kd}{'' if compensate else '-nocomp'}{rounded}-lr{lr:g}-s{seed}"
     if not taoke.Run.is_run(out):
-        prune = PRUNE if compensate else PRUNE.replace("by: activation", "by: activation, compensate: false")
+        prune = PRUNE.replace("by: activation", f"by: activation, round_to: {round_to}"
+                                                + ("" if compensate else ", compensate: false"))
         overrides = [f"base={run}", "name=topics-pruned", f"train.epochs={epochs}", f"train.lr={lr}",
                      f"train.seed={seed}", prune]
         if distill:
@@ -89,6 +95,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--distill", type=float, default=0.0, help="also heal with the unpruned run as teacher (weight)")
     ap.add_argument("--ablate", action="store_true", help="also prune without bias compensation (quality only)")
+    ap.add_argument("--round-to", type=int, default=16, help="the prune edit's round_to (kept MLP units a multiple of)")
+    ap.add_argument("--exact-widths", action="store_true",
+                    help="also prune to exact widths (round_to 1) and time that model beside the rounded one")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     import taoke
@@ -96,13 +105,16 @@ def main() -> None:
 
     seeds = [int(x) for x in args.seeds.split(",")]
     run = ensure_unpruned(args.run)
-    variants = {"pruned and healed": (0.0, True)}
+    variants = {"pruned and healed": (0.0, True, args.round_to)}
     if args.distill:
-        variants[f"pruned, healed with distillation ({args.distill:g})"] = (args.distill, True)
+        variants[f"pruned, healed with distillation ({args.distill:g})"] = (args.distill, True, args.round_to)
     if args.ablate:
-        variants["pruned without bias compensation, healed"] = (0.0, False)
-    healed = {name: [ensure_healed(run, s, args.heal_epochs, args.heal_lr, kd, comp) for s in seeds]
-              for name, (kd, comp) in variants.items()}
+        variants["pruned without bias compensation, healed"] = (0.0, False, args.round_to)
+    exact = "pruned to exact widths (round_to 1), healed"
+    if args.exact_widths:
+        variants[exact] = (0.0, True, 1)
+    healed = {name: [ensure_healed(run, s, args.heal_epochs, args.heal_lr, kd, comp, rt) for s in seeds]
+              for name, (kd, comp, rt) in variants.items()}
     torch.set_num_threads(args.threads)
     unpruned = load(run, device="cpu")
     data = shapes(unpruned)
@@ -112,20 +124,22 @@ def main() -> None:
               for name, runs in healed.items()}   # scored by the derive itself, on the same test split
     models = {"unpruned derived": unpruned}
     params = {"unpruned derived": sum(x.numel() for x in unpruned.model.parameters())}
-    first = next(iter(healed))   # every variant has the same widths: time one (its first seed's model)
+    first = next(iter(healed))   # variants of one round_to have the same widths: time one (its first seed's model)
+    timed = [first] + ([exact] if args.exact_widths else [])
     for name, runs in healed.items():
         loaded = [load(r, device="cpu") for r in runs]
         widths = {sum(x.numel() for x in p.model.parameters()) for p in loaded}
         assert len(widths) == 1, f"{name}: seeds gave different widths {widths}"
         quality[name] = [test_macro_f1(p, short) for p in loaded]
         params[name] = widths.pop()
-        if name == first:
-            models[first] = loaded[0]
+        if name in timed:
+            models[name] = loaded[0]
 
     # the same two models in ONNX Runtime: the runtime an exported classifier ships to (less framework overhead
     # per layer, so more of the removed FLOPs show)
     models["unpruned derived, onnxruntime"] = ort_predictor(ensure_onnx(run), args.threads)
-    models[f"{first}, onnxruntime"] = ort_predictor(ensure_onnx(healed[first][0]), args.threads)
+    for name in timed:
+        models[f"{name}, onnxruntime"] = ort_predictor(ensure_onnx(healed[name][0]), args.threads)
     params.update({m: params[m.split(", onnxruntime")[0]] for m in models if m.endswith(", onnxruntime")})
     results = {(m, s): [] for m in models for s in data}
     for _ in range(args.repeats):
@@ -133,8 +147,11 @@ def main() -> None:
             for m, p in models.items():
                 results[(m, s)].append(measure(p, encoded))
     ref = quality["unpruned derived"][0]
+    widths_note = ", ".join(f"{name} keeps {taoke.Run(healed[name][0]).lineage['edits'][0]['mlp_units'][1]} of "
+                            f"{taoke.Run(healed[name][0]).lineage['edits'][0]['mlp_units'][0]}" for name in timed)
     lines = [f"## prune_speed — {datetime.now().isoformat(timespec='minutes')}", "",
-             f"{run.name} vs the same run pruned (mlp 0.3, heads 0.25, by activation, biases compensated) and "
+             f"{run.name} vs the same run pruned (mlp 0.3, heads 0.25, by activation, biases compensated, kept MLP "
+             f"units rounded down to a multiple of {args.round_to}: {widths_note}) and "
              f"healed (up to {args.heal_epochs} epochs at lr {args.heal_lr:g}, early stopping on validation "
              f"macro-F1, seeds {args.seeds}), fp32 in PyTorch eager and in ONNX Runtime. {machine()}. Speed: "
              f"{args.repeats} interleaved rounds, medians, spread min-max; the pruned rows time seed {seeds[0]}'s "
@@ -172,7 +189,8 @@ def main() -> None:
                             f"{'met' if met else 'not met'} (>= 1.3x on both shapes at <= 2 points).")
     lines += ["", *verdicts, "", f"Re-run: `.venv/bin/python bench/prune_speed.py --run {run} --repeats {args.repeats} "
               f"--threads {args.threads} --heal-epochs {args.heal_epochs} --heal-lr {args.heal_lr:g} --seeds {args.seeds}"
-              + (f" --distill {args.distill:g}" if args.distill else "") + (" --ablate" if args.ablate else "") + "`", ""]
+              f" --round-to {args.round_to}" + (f" --distill {args.distill:g}" if args.distill else "")
+              + (" --ablate" if args.ablate else "") + (" --exact-widths" if args.exact_widths else "") + "`", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_append:

@@ -215,6 +215,9 @@ class Prune(Strict):
     samples: int = field(64, "by activation: training examples measured", PRUNE_TASKS, gt=0)
     compensate: bool = field(True, "by activation: fold what removed units and heads added on average into the "
                                    "output projection's bias, where it has one (FLAP's bias compensation)", PRUNE_TASKS)
+    round_to: int = field(16, "keep a multiple of this many MLP units per block, rounding the kept count down (so "
+                              "at least mlp: goes); aligned widths run faster on CPU matrix kernels; 1 = exact",
+                          PRUNE_TASKS, ge=1)
 
     @model_validator(mode="after")
     def _something(self):

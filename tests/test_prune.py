@@ -80,6 +80,14 @@ def test_ratios_that_leave_nothing_are_refused():
         kept_counts(64, 3, 0.1, 0.9)
 
 
+def test_kept_mlp_width_is_rounded_down_to_the_multiple_asked():
+    assert kept_counts(1536, 12, 0.3, 0.25, round_to=16) == (1072, 9)   # 1075 exact: at least 30% still goes
+    assert kept_counts(1536, 12, 0.3, 0.25) == (1075, 9)
+    assert kept_counts(1536, 12, 0.25, 0.0, round_to=128) == (1152, 12)  # already a multiple: unchanged
+    assert kept_counts(20, 4, 0.5, 0.0, round_to=16) == (10, 4)          # too narrow for one multiple: exact
+    assert kept_counts(1536, 12, 0.0, 0.5, round_to=16) == (1536, 6)     # MLP not pruned: not touched
+
+
 def test_recipe_refuses_prune_with_an_adapter_saved_alone():
     from taoke.recipe import recipe_from_dict
     raw = {"name": "p", "base": "smollm2-135m", "task": "sft", "data": {"train": "x.jsonl"},

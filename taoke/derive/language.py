@@ -130,7 +130,7 @@ def check_edits(recipe: Recipe, model) -> None:
             depth += len(set(cfg.after))
         elif op == "prune":
             bs = blocks(model)   # refuses architectures it cannot prune
-            kept_counts(bs[0].get(bs[0].mlp_out).in_features, head_shape(model)[1], cfg.mlp, cfg.heads)
+            kept_counts(bs[0].get(bs[0].mlp_out).in_features, head_shape(model)[1], cfg.mlp, cfg.heads, cfg.round_to)
         else:
             read_tokens(cfg.tokens, cfg.file)
 
@@ -150,7 +150,7 @@ def apply_edits(recipe: Recipe, model, tok, train_items: list | None = None) -> 
             items = train_items or []
             sample = random.Random(recipe.train.seed).sample(items, min(cfg.samples, len(items)))
             detail = prune(model, cfg.mlp, cfg.heads, cfg.by, lambda: calibration_batches(recipe, tok, sample),
-                           cfg.compensate)
+                           cfg.compensate, cfg.round_to)
         else:
             detail = expand_vocab(model, tok, read_tokens(cfg.tokens, cfg.file), cfg.init)
         records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail, "params_before": before,

@@ -58,7 +58,8 @@ def apply_edits(model: nn.Module, tokenizer, edits: list[tuple[str, object]], ou
             if not isinstance(model, HFClassifier):
                 raise RecipeError(f"edits[{i}].prune needs a transformers encoder (BERT family), not a scratch model.")
             detail = prune(model, cfg.mlp, cfg.heads, cfg.by,
-                           (lambda: calibration(cfg.samples)) if calibration is not None else None, cfg.compensate)
+                           (lambda: calibration(cfg.samples)) if calibration is not None else None, cfg.compensate,
+                           cfg.round_to)
         after = sum(p.numel() for p in model.parameters())
         result.records.append({"op": op, **cfg.model_dump(exclude_none=True), **detail,
                                "params_before": before, "params_after": after})

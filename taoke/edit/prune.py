@@ -130,8 +130,14 @@ def compensate_bias(linear: nn.Linear, removed: torch.Tensor, means: torch.Tenso
     return True
 
 
-def kept_counts(n_units: int, groups: int, mlp: float, heads: float) -> tuple[int, int]:
+def kept_counts(n_units: int, groups: int, mlp: float, heads: float, round_to: int = 1) -> tuple[int, int]:
+    """Units and head groups each block keeps. Where MLP units are pruned, the kept count is rounded down to a
+    multiple of `round_to` (at least the stated fraction goes), as Torch-Pruning's round_to does: CPU matrix kernels
+    run slower on odd widths (MiniLM's 1536 units at 30% leave 1075; see bench/RESULTS.md, prune_speed). A block
+    too narrow to hold one multiple keeps its exact count."""
     keep_units = n_units - round(mlp * n_units)
+    if mlp > 0 and keep_units >= round_to:
+        keep_units -= keep_units % round_to
     keep_groups = groups - round(heads * groups)
     if keep_units < 1:
         raise RecipeError(f"edits.prune.mlp={mlp}: would leave no MLP units of {n_units}; choose a ratio below "
@@ -143,13 +149,14 @@ def kept_counts(n_units: int, groups: int, mlp: float, heads: float) -> tuple[in
 
 
 @torch.no_grad()
-def prune(model: nn.Module, mlp: float, heads: float, by: str, batches=None, compensate: bool = True) -> dict:
+def prune(model: nn.Module, mlp: float, heads: float, by: str, batches=None, compensate: bool = True,
+          round_to: int = 1) -> dict:
     """Prune every block in place; returns the record for lineage (widths before/after, how chosen)."""
     kind = family(model)
     bs = blocks(model)
     n_heads, groups, head_dim = head_shape(model)
     n_units = bs[0].get(bs[0].mlp_out).in_features
-    keep_units, keep_groups = kept_counts(n_units, groups, mlp, heads)
+    keep_units, keep_groups = kept_counts(n_units, groups, mlp, heads, round_to)
     if by == "activation":
         if batches is None:
             raise RecipeError("edits.prune.by=activation needs training data to measure on")
