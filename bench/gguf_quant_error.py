@@ -2,14 +2,15 @@
 transformers' GGUF reader (which dequantises with gguf-py), against taoke's model in fp32, on the same rows; then,
 for the lowest type, which tensors carry the loss (PyTorch with one group of projections kept at Q8_0).
 
-    .venv/bin/python bench/gguf_quant_error.py [--run RUN] [--quants Q8_0,Q5_1,Q5_0,Q4_1,Q4_0] [--no-record]
+    .venv/bin/python bench/gguf_quant_error.py [--run RUN] [--quants Q8_0,Q5_1,Q5_0,Q4_1,Q4_0] [--gptq] [--no-record]
 
 Without --run it derives recipes/sft-lora.yaml into runs/bench-sft first. The rows are the export check's: the
 run's held-out examples, assistant tokens scored (taoke.ship.language.held_out). The files are written by
 taoke's GGUF writer into a temporary folder; llama.cpp runs with one thread. The localisation rows round-trip
 every 2-D weight through gguf-py's own quantize/dequantize at the type the writer gives it, except the named
 group, and score in PyTorch: when the "all" row matches llama.cpp's, the runtime is faithful and the loss is the
-format's. Deterministic (no timing): one run. Appends to bench/RESULTS.md.
+format's. --gptq adds a Q4_0 file whose codes GPTQ chose (`taoke export --quant Q4_0 --gptq`), scored the same way.
+Deterministic (no timing): one run. Appends to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None)
     ap.add_argument("--quants", default="Q8_0,Q5_1,Q5_0,Q4_1,Q4_0")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--gptq", action="store_true", help="also Q4_0 with GPTQ's codes (taoke export --gptq)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     from transformers import AutoModelForCausalLM
@@ -73,7 +75,8 @@ def main() -> None:
     from taoke.lm.load import load_causal_lm
     from taoke.run import Run
     from taoke.ship.gguf import same_grid_note, write_gguf
-    from taoke.ship.language import held_out, held_out_logprobs, perplexity
+    from taoke.ship.export import GPTQ_EXAMPLES
+    from taoke.ship.language import gptq_calibration, held_out, held_out_logprobs, perplexity
     from taoke.ship.llamacpp import run_llamacpp
 
     run = args.run or ROOT / "runs" / "bench-sft"
@@ -101,11 +104,19 @@ def main() -> None:
 
     rows, versions = [], {}
     quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
+    if args.gptq:
+        quants.append("Q4_0 GPTQ")
     with tempfile.TemporaryDirectory() as tmp:
-        for quant in quants:
+        for label in quants:
+            quant = label.split()[0]
+            blocks = None
+            if label.endswith("GPTQ"):   # the export's own path: `taoke export --quant Q4_0 --gptq`
+                blocks, how = gptq_calibration(parent, model, tok, GPTQ_EXAMPLES)
+                gptq_note = (f"Q4_0 GPTQ: codes chosen by GPTQ with scale search on {how['calibration']['examples']} "
+                             f"training examples ({how['seconds']:.0f} s), as `taoke export --quant Q4_0 --gptq`.")
             path = Path(tmp) / f"model-{quant}.gguf"
             stored = "yes" if same_grid_note(parent.lineage.get("base"), quant) else "no"
-            counts = write_gguf(model, tok, parent.model_dir, path, quant, name=parent.name)
+            counts = write_gguf(model, tok, parent.model_dir, path, quant, name=parent.name, q4_0_blocks=blocks)
             ans = run_llamacpp(path, nll=[{"ids": r["input_ids"], "positions": r["positions"]} for r in held.rows])
             versions = ans["versions"]
             llama = perplexity([x for row in ans["nll"] for x in row])
@@ -114,10 +125,10 @@ def main() -> None:
                 reader = perplexity(held_out_logprobs(hf, held.rows))
             size = path.stat().st_size / 2**20
             types = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-            rows.append(f"| {quant} | {size:.1f} | {types} | {stored} | {gap(llama)} | {kept(llama)} | {gap(reader)} |")
+            rows.append(f"| {label} | {size:.1f} | {types} | {stored} | {gap(llama)} | {kept(llama)} | {gap(reader)} |")
             print(rows[-1], flush=True)
             path.unlink()
-    low = quants[-1]
+    low = [q for q in quants if not q.endswith("GPTQ")][-1]
     local = []
     with torch.no_grad():
         for label, keep in [("none (all at the type)", ())] + [(g, k) for g, k in GROUPS.items()] + \
@@ -135,10 +146,11 @@ def main() -> None:
         "from a GGUF stored at this type (its grid).\n",
         "| quant | file MiB | tensor types | base's type | llama.cpp perplexity (vs taoke) | gain kept | "
         "transformers' GGUF reader (vs taoke) |",
-        "|---|---:|---|---|---:|---:|---:|", *rows, "",
+        "|---|---:|---|---|---:|---:|---:|", *rows, "", *([gptq_note, ""] if args.gptq else []),
         f"{low} with one group of projections kept at Q8_0 (gguf-py quantize/dequantize, scored in PyTorch):\n",
         "| kept at Q8_0 | perplexity (vs taoke) | gain kept |", "|---|---:|---:|", *local, "",
-        f"Re-run: `.venv/bin/python bench/gguf_quant_error.py --run {run} --quants {','.join(quants)}`", ""])
+        f"Re-run: `.venv/bin/python bench/gguf_quant_error.py --run {run} --quants "
+        f"{','.join(q for q in quants if not q.endswith('GPTQ'))}{' --gptq' if args.gptq else ''}`", ""])
     print(text)
     if not args.no_record:
         record(text)

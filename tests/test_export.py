@@ -69,6 +69,7 @@ def test_bad_inputs_exit_2_with_one_line_and_leave_nothing(runs, tmp_path, taoke
         (["export", runs / "cnn", "--format", "hf"], "needs a transformers-based run"),
         (["export", runs / "cnn", "--format", "onnx", "--out", runs / "lstm"], "already exists"),
         (["export", tmp_path / "nope", "--format", "onnx"], "no such run directory"),
+        (["export", runs / "cnn", "--format", "onnx", "--gptq"], "use it with --format gguf --quant Q4_0"),
     ]
     incomplete = tmp_path / "incomplete"
     (incomplete / "model").mkdir(parents=True)

@@ -35,6 +35,7 @@ FORMATS = ("gguf", "onnx", "hf")
 QUANTS = {"gguf": tuple(GGUF_QUANTS), "onnx": ONNX_QUANTS, "hf": ("F32", "F16", "BF16")}
 DEFAULT_QUANT = {"gguf": "F16", "onnx": None, "hf": None}
 LIBRARY = {"gguf": "gguf", "onnx": "onnx", "hf": "transformers"}
+GPTQ_EXAMPLES = 64   # training examples GPTQ measures layer inputs on (the GPTQ paper used 128 of 2048 tokens)
 
 
 def normalise(fmt: str, quant: str | None) -> tuple[str, str | None]:
@@ -96,9 +97,13 @@ def tool_versions() -> dict:
 
 
 def export(run: str | Path, format: str, quant: str | None = None, out: str | Path | None = None, *,
-           check: bool = True, quiet: bool = False) -> Run:
-    """Export a complete run; returns the export's own (complete) run directory."""
+           check: bool = True, quiet: bool = False, gptq: bool = False) -> Run:
+    """Export a complete run; returns the export's own (complete) run directory. gptq: a GGUF Q4_0 export's codes
+    are chosen by GPTQ on the run's training examples instead of rounded to nearest."""
     fmt, quant = normalise(format, quant)
+    if gptq and (fmt, quant) != ("gguf", "Q4_0"):
+        raise RecipeError(f"--gptq: chooses the codes of GGUF Q4_0 blocks; use it with --format gguf --quant Q4_0 "
+                          f"(got --format {fmt} --quant {quant}).")
     parent = open_parent(run)
     check_fits(parent, fmt)
     target = Path(out) if out is not None else default_out(parent, fmt, quant)
@@ -108,13 +113,14 @@ def export(run: str | Path, format: str, quant: str | None = None, out: str | Pa
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         exp = Run.create(parent.name, out=tmp)
-        request = {"export": {"run": str(parent.path.resolve()), "format": fmt, "quant": quant, "check": check}}
+        request = {"export": {"run": str(parent.path.resolve()), "format": fmt, "quant": quant, "check": check,
+                              **({"gptq": GPTQ_EXAMPLES} if gptq else {})}}
         request_yaml = yaml.safe_dump(request, sort_keys=False)
         exp.write_recipe(request_yaml)
         with exp.running():
             lm = parent.lineage.get("task") in LM_TASKS
             if lm:
-                result = export_language(parent, exp.model_dir, fmt, quant, check)
+                result = export_language(parent, exp.model_dir, fmt, quant, check, gptq=GPTQ_EXAMPLES if gptq else 0)
             else:
                 result = export_classifier(parent, exp.model_dir, fmt, quant, check)
                 shutil.copy2(parent.path / "splits.json", exp.path / "splits.json")  # eval --split on the export
@@ -166,7 +172,8 @@ def export_lineage(parent: Run, target: Path, fmt: str, quant: str | None, resul
         metrics={**{name: m for name, m in rows}, "reference": "parent" if len(rows) > 1 else None},
         license=plin.get("license"))
     lineage["export"] = {"format": fmt, "quant": quant, "file": result.get("file"),
-                         "tensor_types": result.get("tensor_types"), "parity": result.get("parity"),
+                         "tensor_types": result.get("tensor_types"), "quantization": result.get("quantization"),
+                         "parity": result.get("parity"),
                          "checked": result.get("parity") is not None, "tools": tools,
                          "warnings": result.get("warnings", [])}
     return lineage

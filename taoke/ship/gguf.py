@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import gguf
+import numpy as np
 import torch
 from gguf.quants import quantize
 
@@ -164,8 +165,11 @@ def _rope_theta(config) -> float:
 
 
 def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *, name: str,
-               license: str | None = None, base: dict | None = None, on_tensor=None) -> dict:
-    """Write `model` (a plain transformers LLaMA-family model) to `path`; returns {tensor type: count}."""
+               license: str | None = None, base: dict | None = None, on_tensor=None,
+               q4_0_blocks: dict[str, np.ndarray] | None = None) -> dict:
+    """Write `model` (a plain transformers LLaMA-family model) to `path`; returns {tensor type: count}.
+    `q4_0_blocks` (HF tensor name -> Q4_0 bytes, rows in HF order) are written as given where the tensor's type is
+    Q4_0, instead of gguf-py's rounding (GPTQ's codes: ship/gptq.py)."""
     config = model.config
     check_config(config)
     tokenizer_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -226,13 +230,16 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *,
         if new is None:
             raise ModelError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'.")
         t = t.detach().to("cpu", torch.float32)
+        qtype = tensor_type(new, tuple(t.shape), quant)
+        given = (q4_0_blocks or {}).get(hf_name) if qtype == Q.Q4_0 else None
+        if given is not None:
+            t = torch.from_numpy(given)   # whole rows of blocks: the q/k row permutation below applies to them too
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             t = permute_qk(t, n_head)
         elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             t = permute_qk(t, n_kv)
         data = t.numpy()
-        qtype = tensor_type(new, data.shape, quant)
-        w.add_tensor(new, quantize(data, qtype), raw_dtype=qtype)
+        w.add_tensor(new, data if given is not None else quantize(data, qtype), raw_dtype=qtype)
         counts[qtype.name] = counts.get(qtype.name, 0) + 1
         if on_tensor:
             on_tensor()

@@ -12,14 +12,17 @@ The reference side never reads the exported file: llama.cpp and transformers do.
 from __future__ import annotations
 
 import math
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import Progress
 from transformers import AutoModelForCausalLM
 
-from taoke.derive.language import encode, read_examples
+from taoke.derive.language import calibration_batches, encode, read_examples
 from taoke.errors import DataError, ModelError
 from taoke.files import sha256_file, write_json_atomic, write_text_atomic
 from taoke.lm.data import IGNORE
@@ -29,6 +32,7 @@ from taoke.models.parts import count_parameters
 from taoke.recipe import Recipe, load_recipe
 from taoke.run import Run, base_chain
 from taoke.ship.gguf import check_config, same_grid_note, write_gguf
+from taoke.ship.gptq import gptq_blocks
 from taoke.ship.llamacpp import run_llamacpp
 from taoke.ship.ollama import modelfile
 
@@ -59,16 +63,21 @@ def check_lm_run(parent: Run, fmt: str) -> None:
         check_config(AutoConfig.from_pretrained(model_dir))
 
 
-def held_out(parent: Run, tok, max_prompts: int, max_positions: int, prompt_tokens: int = 32) -> HeldOut:
-    """The run's held-out examples, split again from its recipe; refuses when the data files changed."""
-    recipe: Recipe = load_recipe(parent.recipe_path)
+def check_data_files(parent: Run, needed_for: str) -> None:
+    """Refuse when the run's data files are missing or changed: its splits could not be rebuilt as they were."""
     for split, files in (parent.lineage.get("data", {}).get("files") or {}).items():
         for f in files:
             p = Path(f["path"])
             if not p.is_file() or sha256_file(p) != f["sha256"]:
                 raise DataError(f"{p}: missing or changed since the run (sha256 recorded in {parent.path}/lineage.json);"
-                                " the held-out split cannot be rebuilt for the export check. Restore it, or export "
-                                "with --no-check.")
+                                f" {needed_for}")
+
+
+def held_out(parent: Run, tok, max_prompts: int, max_positions: int, prompt_tokens: int = 32) -> HeldOut:
+    """The run's held-out examples, split again from its recipe; refuses when the data files changed."""
+    recipe: Recipe = load_recipe(parent.recipe_path)
+    check_data_files(parent, "the held-out split cannot be rebuilt for the export check. Restore it, or export with "
+                             "--no-check.")
     _, held, _ = read_examples(recipe)
     if recipe.task == "sft":
         convs = held[:max_prompts]
@@ -224,9 +233,36 @@ def transformers_gguf_check(gguf: Path, held: HeldOut, ref_lp: list[float]) -> d
             "perplexity_gap": abs(ppl - ppl_ref) / ppl_ref, "tokens": len(lp)}
 
 
+def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict]:
+    """GPTQ's Q4_0 blocks for the run's model, measured on `examples` of its training split (never the held-out
+    rows the check scores), and what lineage records of how they were chosen."""
+    check_data_files(parent, "the training split GPTQ calibrates on cannot be rebuilt. Restore it, or export "
+                             "without --gptq.")
+    recipe: Recipe = load_recipe(parent.recipe_path)
+    train, _, _ = read_examples(recipe)
+    sample = random.Random(recipe.train.seed).sample(train, min(examples, len(train)))
+    start = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        measuring = bar.add_task("GPTQ: measuring inputs on training examples", total=len(sample))
+        rounding = bar.add_task("GPTQ: choosing Q4_0 codes", total=None)
+
+        def batches():
+            for batch in calibration_batches(recipe, tok, sample):
+                yield batch
+                bar.advance(measuring)
+
+        blocks = gptq_blocks(model, batches(), search=True,
+                             progress=lambda done, total: bar.update(rounding, completed=done, total=total))
+    return blocks, {"method": "gptq", "variant": "one-shot", "damp": 0.01, "scale_search": True,
+                    "tensors": len(blocks),
+                    "calibration": {"split": "train", "examples": len(sample), "seed": recipe.train.seed},
+                    "seconds": round(time.perf_counter() - start, 1)}
+
+
 def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, check: bool,
-                    max_prompts: int = 12, max_positions: int = 1024) -> dict:
-    """Write the export's model/ and check it; returns what lineage records (files, parity, tensor types)."""
+                    max_prompts: int = 12, max_positions: int = 1024, gptq: int = 0) -> dict:
+    """Write the export's model/ and check it; returns what lineage records (files, parity, tensor types).
+    gptq > 0: Q4_0 codes chosen by GPTQ on that many training examples."""
     model, tok = load_causal_lm(parent.model_dir, device="cpu")   # fp32, adapters merged in memory
     model.eval()
     lin = parent.lineage
@@ -236,9 +272,13 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
     model_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
         fname = f"{name}-{quant}.gguf"
+        blocks = None
+        if gptq:
+            blocks, result["quantization"] = gptq_calibration(parent, model, tok, gptq)
         console.print(f"writing {fname} ({quant})")
         result["tensor_types"] = write_gguf(model, tok, parent.model_dir, model_dir / fname, quant, name=name,
-                                            license=lin.get("license"), base=lin.get("root_base"))
+                                            license=lin.get("license"), base=lin.get("root_base"),
+                                            q4_0_blocks=blocks)
         write_text_atomic(model_dir / "Modelfile", modelfile(fname, tok, min(model.config.max_position_embeddings,
                                                                              4096)))
         write_json_atomic(model_dir / "taoke.json", {
@@ -255,6 +295,9 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
             except ParityError as e:
                 if note:
                     raise ParityError(f"{e} (likely cause: {note})") from None
+                if quant == "Q4_0" and not gptq:
+                    raise ParityError(f"{e}; --gptq chooses the Q4_0 codes by GPTQ on training examples, which "
+                                      "keeps a 4-bit export closer to the trained model") from None
                 raise
     else:  # hf: a plain transformers directory, adapters merged, optionally cast
         save_merged(model, tok, model_dir, dtype=HF_DTYPES[quant])
