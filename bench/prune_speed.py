@@ -147,8 +147,8 @@ def main() -> None:
             for m, p in models.items():
                 results[(m, s)].append(measure(p, encoded))
     ref = quality["unpruned derived"][0]
-    widths_note = ", ".join(f"{name} keeps {taoke.Run(healed[name][0]).lineage['edits'][0]['mlp_units'][1]} of "
-                            f"{taoke.Run(healed[name][0]).lineage['edits'][0]['mlp_units'][0]}" for name in timed)
+    units = {name: taoke.Run(healed[name][0]).lineage["edits"][0]["mlp_units"] for name in timed}   # [before, kept]
+    widths_note = ", ".join(f"{name} keeps {kept} of {total}" for name, (total, kept) in units.items())
     lines = [f"## prune_speed — {datetime.now().isoformat(timespec='minutes')}", "",
              f"{run.name} vs the same run pruned (mlp 0.3, heads 0.25, by activation, biases compensated, kept MLP "
              f"units rounded down to a multiple of {args.round_to}: {widths_note}) and "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from taoke.errors import RecipeError
-from taoke.models.parts import unwrap
+from taoke.models.parts import real_tokens, unwrap
 from taoke.models.widths import Block, blocks, family, head_shape, set_bert_heads
 
 def _slice(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -77,9 +77,7 @@ def activation_scores(model: nn.Module, bs: list[Block], heads: int, groups: int
 
     def hook(i: int, which: str):
         def record(_module, args):
-            x, mask = args[0].detach().float(), state["mask"]
-            # padding positions are not tokens the model is scored on: leave them out of the statistics
-            x = x[mask.bool()] if mask is not None and mask.shape == x.shape[:2] else x.flatten(0, -2)
+            x = real_tokens(args[0].detach().float(), state["mask"])
             if which == "mlp":
                 add = {"mlp_abs": x.abs().sum(0), "mlp_mean": x.sum(0)}
                 if i == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from taoke.errors import RecipeError
@@ -68,3 +69,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[tokens, dim] rows of [batch, seq, dim] activations, padding positions left out where the attention mask
+    matches (statistics measured on a model's inputs count only tokens it is scored on)."""
+    return x[mask.bool()] if mask is not None and mask.shape == x.shape[:2] else x.flatten(0, -2)

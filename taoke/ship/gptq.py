@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from taoke.models.parts import real_tokens
+
 BLOCK = 32   # Q4_0 elements per block (ggml's QK4_0)
+DAMP = 0.01   # share of the Hessian's mean diagonal added to it before inverting (the GPTQ paper's 1%)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -29,9 +32,7 @@ def input_hessians(model: nn.Module, batches) -> dict[str, torch.Tensor]:
 
     def hook(name: str):
         def record(_module, args):
-            x = args[0].detach().float()
-            mask = state["mask"]
-            x = x[mask.bool()] if mask is not None and mask.shape == x.shape[:2] else x.flatten(0, -2)
+            x = real_tokens(args[0].detach().float(), state["mask"])
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
@@ -86,7 +87,7 @@ def fp16(d: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_q4_0(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
+def gptq_q4_0(weight: torch.Tensor, hessian: torch.Tensor, damp: float = DAMP,
               block: int = 128, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Q4_0 scales [rows, cols/32] (fp16) and codes [rows, cols] (uint8, 0..15) for one weight, by GPTQ, columns in
     their own order (act-order with static block scales measured worse on SmolLM2, one sample: 12.1% vs 9.9%). search:

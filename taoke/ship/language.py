@@ -32,7 +32,7 @@ from taoke.models.parts import count_parameters
 from taoke.recipe import Recipe, load_recipe
 from taoke.run import Run, base_chain
 from taoke.ship.gguf import check_config, same_grid_note, write_gguf
-from taoke.ship.gptq import gptq_blocks
+from taoke.ship.gptq import DAMP, gptq_blocks
 from taoke.ship.llamacpp import run_llamacpp
 from taoke.ship.ollama import modelfile
 
@@ -253,7 +253,7 @@ def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict
 
         blocks = gptq_blocks(model, batches(), search=True,
                              progress=lambda done, total: bar.update(rounding, completed=done, total=total))
-    return blocks, {"method": "gptq", "variant": "one-shot", "damp": 0.01, "scale_search": True,
+    return blocks, {"method": "gptq", "variant": "one-shot", "damp": DAMP, "scale_search": True,
                     "tensors": len(blocks),
                     "calibration": {"split": "train", "examples": len(sample), "seed": recipe.train.seed},
                     "seconds": round(time.perf_counter() - start, 1)}
