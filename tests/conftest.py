@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,15 @@ def _isolated_home(tmp_path, monkeypatch):
     """Each test gets its own model registry; no hub access."""
     monkeypatch.setenv("TAOKE_HOME", str(tmp_path / "taoke-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A scratch folder for one module's shared fixtures, deleted when the module is done: the suite writes several
+    GB of runs, exports and derived models, more than a small CI disk holds if every folder lives to the end."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_cli(*args, cwd=None, check=True, env_extra=None):

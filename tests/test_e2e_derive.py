@@ -32,8 +32,8 @@ def check_run_dir(run):
 
 
 @pytest.fixture(scope="module")
-def topics_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "topics"
+def topics_run(module_tmp):
+    out = module_tmp / "topics"
     run_cli("derive", "recipes/text-topics.yaml", "--out", out, "--set", "data.max_rows=260",
             "--set", "train.epochs=2", "--set", "train.early_stopping=null", *FAST)
     return out

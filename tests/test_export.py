@@ -13,8 +13,8 @@ FAST = ["--quiet"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
+def runs(module_tmp):
+    root = module_tmp
     run_cli("derive", "recipes/digits-cnn.yaml", "--out", root / "cnn", "--set", "train.epochs=1",
             "--set", "data.max_rows=400", *FAST)
     run_cli("derive", "recipes/text-lstm.yaml", "--out", root / "lstm", "--set", "train.epochs=1",

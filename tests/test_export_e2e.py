@@ -19,8 +19,8 @@ SFT = ["--set", "train.max_steps=4", "--set", "data.max_rows=80", "--set", "lm.g
 
 
 @pytest.fixture(scope="module")
-def topics(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls")
+def topics(module_tmp):
+    root = module_tmp / "cls"
     run_cli("derive", "recipes/text-topics.yaml", "--out", root / "topics", "--set", "data.max_rows=260",
             "--set", "train.epochs=2", "--set", "train.early_stopping=null", *FAST)
     return root
@@ -64,8 +64,8 @@ def test_pruned_minilm_is_smaller_reports_three_rows_and_exports(topics, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm")
+def sft(module_tmp):
+    root = module_tmp / "lm"
     run_cli("derive", "recipes/sft-lora.yaml", "--out", root / "sft", *SFT)
     return root
 

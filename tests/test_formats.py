@@ -15,8 +15,8 @@ from tests.lineage_tiny import load, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("tiny") / "m", seed=0)
+def tiny(module_tmp):
+    return tiny_llama(module_tmp / "m", seed=0)
 
 
 def test_unpermute_inverts_llama_cpp_permute():

@@ -18,8 +18,8 @@ from tests.hostile_files import iris_rows, iris_run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return iris_run(tmp_path_factory.mktemp("runs") / "iris")
+def run(module_tmp):
+    return iris_run(module_tmp / "iris")
 
 
 @pytest.fixture

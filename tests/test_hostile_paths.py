@@ -24,8 +24,8 @@ SECRET = "TOP-SECRET-BYTES-0123456789"
 
 
 @pytest.fixture(scope="module")
-def fam(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fam")
+def fam(module_tmp):
+    root = module_tmp
     return {"base": tiny_llama(root / "base", seed=0), "other": tiny_llama(root / "other", seed=3)}
 
 

@@ -60,8 +60,8 @@ def test_many_processes_claiming_one_out_directory_one_wins(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return iris_run(tmp_path_factory.mktemp("runs") / "iris")
+def run(module_tmp):
+    return iris_run(module_tmp / "iris")
 
 
 def snapshot(d: Path) -> dict:

@@ -9,8 +9,8 @@ from tests.lineage_tiny import finetune_like, load, save, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def fam(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fam")
+def fam(module_tmp):
+    root = module_tmp
     base = tiny_llama(root / "base", seed=0)
     return {"root": root, "base": base, "other": tiny_llama(root / "other", seed=3)}
 

@@ -15,8 +15,8 @@ from tests.lineage_tiny import finetune_like, load, save, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def kin(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
+def kin(module_tmp):
+    root = module_tmp
     base = tiny_llama(root / "base", seed=0)
     return {"root": root, "base": base,
             "ft1": finetune_like(base, root / "ft1", scale=0.3, seed=5),
@@ -98,9 +98,9 @@ def test_lineage_draws_both_parents_with_their_weights(kin, tmp_path):
     assert node["merge"]["verdict"] == "merge"
 
 
-def test_real_merge_of_smollm2_and_its_lora_variant(tmp_path_factory):
+def test_real_merge_of_smollm2_and_its_lora_variant(tmp_path):
     """Real weights: SmolLM2-135M and a LoRA-merged variant of it (peft), merged 0.4 / 0.6 by hand."""
-    root = tmp_path_factory.mktemp("real-merge")
+    root = tmp_path
     base = suite.smollm2_hf(root)
     lora = suite.lora_merged(root, base)
     sd_a, cfg = suite._load_hf(base)

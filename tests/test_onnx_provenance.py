@@ -27,8 +27,8 @@ class _Hidden(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx")
+def exports(module_tmp):
+    root = module_tmp
     base = resolve("minilm-l6")
     model = AutoModel.from_pretrained(base.path).eval()
     ids = torch.tensor([[101, 7592, 2088, 102]])

@@ -23,8 +23,8 @@ TEXTS = ["can you write bubble sort in python?", "what is the meaning of life", 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls")
+def runs(module_tmp):
+    root = module_tmp
     from sklearn.datasets import load_digits
 
     d = load_digits()

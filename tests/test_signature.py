@@ -29,8 +29,8 @@ def ec_pair(folder, name):
 
 
 @pytest.fixture(scope="module")
-def signed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("signed")
+def signed(module_tmp):
+    root = module_tmp
     runs = root / "runs"
     run_cli("derive", "recipes/tabular-cancer.yaml", "--out", runs / "parent", "--set", "train.epochs=2", "--quiet")
     child = root / "child.yaml"   # the same recipe on the parent run (a run base takes no `model:` sizes)

@@ -60,8 +60,8 @@ def test_align_layers_handles_pruning_and_duplication():
 
 
 @pytest.fixture(scope="module")
-def tiny_family(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinyfam")
+def tiny_family(module_tmp):
+    root = module_tmp / "tinyfam"
     base = tiny_llama(root / "base", seed=0)
     return {"base": base, "ft": finetune_like(base, root / "ft", scale=0.5),
             "other": tiny_llama(root / "other", seed=1), "other2": tiny_llama(root / "other2", seed=2)}
@@ -93,9 +93,10 @@ def test_null_is_calibrated_on_independent_pairs(tmp_path):
 
 # ------------------------------------------------------------------------------------------ real models
 
-@pytest.fixture(scope="session")
-def real(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify-suite")
+@pytest.fixture(scope="module")
+def real(module_tmp):
+    root = module_tmp / "verify-suite"
+    root.mkdir()
     base = suite.smollm2_hf(root)
     return root, base
 
