@@ -210,8 +210,10 @@ def _figures(lineage: dict, rows: list[tuple[str, dict]], metrics: list[str]) ->
     if "greedy" in p:
         g = p["greedy"]
         out += ["", f"Greedy continuations ({g['new_tokens']} new tokens) of {g['prompts']} held-out prompts: "
-                    f"{g['agree_first_16']} agree with the run's model on the first 16 tokens; on average "
-                    f"{g['mean_agreeing_tokens']:.1f} leading tokens agree ({g['required']})."]
+                    f"{g['agree_first_16']} agree with the run's model on the first 16 tokens"
+                    + (f", {g['diverge_at_near_tie']} more part from it at a near tie (within "
+                       f"{g['near_tie_nats']:.3f} nats)" if g.get("diverge_at_near_tie") else "")
+                    + f"; on average {g['mean_agreeing_tokens']:.1f} leading tokens agree ({g['required']})."]
         out += [f"Held-out perplexity: llama.cpp {p['perplexity']['llama.cpp']:.4f} vs taoke "
                 f"{p['perplexity']['taoke']:.4f} ({p['perplexity']['relative_gap']:.2%} apart, tolerance "
                 f"{p['perplexity']['tolerance']:.0%}); transformers' GGUF reader "

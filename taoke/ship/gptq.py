@@ -69,7 +69,8 @@ def q4_0_scales(w: torch.Tensor, importance: torch.Tensor | None = None) -> torc
         d = m / -(8 + 0.1 * k)
         q = q4_0_codes(w, d) - 8
         refit = (importance * w * q).sum(1, keepdim=True) / (importance * q * q).sum(1, keepdim=True).clamp_min(1e-30)
-        for cand in (d, torch.where(refit == 0, d, refit)):
+        refit = torch.where(refit == 0, d, refit)
+        for cand in ((refit,) if k == 0 else (d, refit)):   # k == 0's d is max/-8, the starting best
             e = error(cand)
             better = e < best_err
             best, best_err = torch.where(better, cand, best), torch.where(better, e, best_err)
