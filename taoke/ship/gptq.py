@@ -19,6 +19,7 @@ from taoke.models.parts import real_tokens
 
 BLOCK = 32   # Q4_0 elements per block (ggml's QK4_0)
 DAMP = 0.01   # share of the Hessian's mean diagonal added to it before inverting (the GPTQ paper's 1%)
+SCALE_SEARCH = True   # gptq_blocks: each block's scale by importance-weighted search (make_qx_quants candidates)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -137,7 +138,7 @@ def dequantized(scales: np.ndarray, codes: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gptq_blocks(model: nn.Module, batches, search: bool = True, progress=None) -> dict[str, np.ndarray]:
+def gptq_blocks(model: nn.Module, batches, search: bool = SCALE_SEARCH, progress=None) -> dict[str, np.ndarray]:
     """Q4_0 bytes of every LLaMA projection weight of `model`, by GPTQ on the calibration batches (HF tensor names,
     rows in HF order); the model is left as it was. Every projection's Hessian comes from one pass of the unquantised
     model (GPTQ's one-shot variant: on SmolLM2 the sequential one, inputs from the blocks before as quantised,

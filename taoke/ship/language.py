@@ -32,7 +32,7 @@ from taoke.models.parts import count_parameters
 from taoke.recipe import Recipe, load_recipe
 from taoke.run import Run, base_chain
 from taoke.ship.gguf import check_config, same_grid_note, write_gguf
-from taoke.ship.gptq import DAMP, gptq_blocks
+from taoke.ship.gptq import DAMP, SCALE_SEARCH, gptq_blocks
 from taoke.ship.llamacpp import run_llamacpp
 from taoke.ship.ollama import modelfile
 
@@ -207,13 +207,13 @@ def check_gguf(gguf: Path, model, tok, held: HeldOut, quant: str, n_new: int = 3
     if (ans["metadata"].get("chat_template") or None) != (tok.chat_template or None):
         problems.append("the GGUF's chat template differs from the run tokenizer's")
     llama_lp = [x for row in ans["nll"] for x in row]
+    # the largest log-prob change between the runtimes on a held-out token: the near-tie bound for greedy paths
+    noise = max((abs(a - b) for a, b in zip(ref_lp, llama_lp) if b is not None), default=0.0)
     if any(x is None for x in llama_lp):
         problems.append("llama.cpp gives probability 0 to a held-out token")
         llama_lp = [x for x in llama_lp if x is not None]
     ppl_ref, ppl_llama = perplexity(ref_lp), perplexity(llama_lp)
     gap = abs(ppl_llama - ppl_ref) / ppl_ref
-    noise = max((abs(a - b) for a, b in zip(ref_lp, (x for row in ans["nll"] for x in row)) if b is not None),
-                default=0.0)
     greedy = compare_greedy(ref_greedy, ans["greedy"], AGREE_TOKENS,
                             near_tie_rule(model, held.prompts, ref_greedy, ans["greedy"], noise))
     if gap > PPL_TOLERANCE[quant]:
@@ -263,10 +263,6 @@ def transformers_gguf_check(gguf: Path, held: HeldOut, ref_lp: list[float]) -> d
     ppl, ppl_ref = perplexity(lp), perplexity(ref_lp)
     return {"loaded": True, "layers": model.config.num_hidden_layers, "perplexity": ppl, "taoke_perplexity": ppl_ref,
             "perplexity_gap": abs(ppl - ppl_ref) / ppl_ref, "tokens": len(lp)}
-
-
-# Each Q4_0 block's scale by importance-weighted search (llama.cpp's make_qx_quants candidates), as recorded in lineage.
-SCALE_SEARCH = True
 
 
 def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict]:
