@@ -6,8 +6,10 @@ taoke's own `generate` (PyTorch fp32, greedy), and the held-out perplexities the
 Without --run it derives recipes/sft-lora.yaml into runs/bench-sft first; exports missing beside the run are
 made with `taoke.export` (which runs the check). Two prompt shapes: the run's held-out chat prompts (short,
 ~30-60 tokens) and the same prompts after ~400 tokens of earlier held-out dialog (long). Both engines get the
-same token ids, the same thread count and the same number of new tokens (greedy; a continuation that ends at
-an end-of-turn token is counted as generated). tokens/s = new tokens / wall time including the prompt.
+same token ids, the same thread count and exactly the same number of new tokens (greedy; an end-of-turn token
+stops neither engine: taoke's generate runs with min_new_tokens, llama.cpp with ignore_eog). tokens/s = new tokens
+/ wall time including the prompt. (Until 2026-12-06 llama.cpp stopped at an end-of-turn token, so a model that
+ends its turn at once "generated" 0-1 tokens in the time of a whole prompt: the Q8_0 long-prompt 1.3 tokens/s.)
 Engines run interleaved, `repeats` rounds; medians with min-max. Appends to bench/RESULTS.md.
 """
 
@@ -77,7 +79,9 @@ def taoke_generate(model, prompts: list[list[int]], n: int) -> tuple[int, float]
 def llama_generate(gguf: Path, prompts: list[list[int]], n: int, threads: int) -> tuple[int, float]:
     from taoke.ship.llamacpp import run_llamacpp
 
-    ans = run_llamacpp(gguf, greedy=[{"ids": p, "n": n} for p in prompts], threads=threads)
+    ans = run_llamacpp(gguf, greedy=[{"ids": p, "n": n, "ignore_eog": True} for p in prompts], threads=threads)
+    if ans["generated_tokens"] != n * len(prompts):   # the same work for both engines, or no figure
+        raise RuntimeError(f"{gguf}: llama.cpp generated {ans['generated_tokens']} tokens, not {n * len(prompts)}")
     return ans["generated_tokens"], ans["seconds"]["greedy"]
 
 

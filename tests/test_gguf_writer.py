@@ -92,6 +92,29 @@ def test_llama_cpp_tokenizes_and_continues_like_the_model(tiny, tmp_path):
     assert torch.allclose(torch.tensor(ans["nll"][0], dtype=torch.float32), want, atol=1e-2)  # llama.cpp keeps an f16 KV cache
 
 
+
+@needs_llama
+def test_llama_cpp_generates_past_an_end_of_turn_only_when_asked(tmp_path):
+    """The export check stops at an end of turn; the speed bench asks for exactly n tokens (ignore_eog), so both
+    engines do the same work. A model built by hand to answer <|im_end|> after anything shows both."""
+    tok = smollm_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    model = tiny_llama(vocab=len(tok), tie=False)
+    with torch.no_grad():   # constant embeddings, layers that add nothing: the final norm gives all-ones states,
+        model.model.embed_tokens.weight.fill_(0.5)   # so only <|im_end|>'s head row (ones) scores above zero
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end] = 1.0
+    tok.save_pretrained(tmp_path)
+    path = tmp_path / "m.gguf"
+    write_gguf(model, tok, tmp_path, path, "F32", name="tiny")
+    ids = tok("Hello there", add_special_tokens=False)["input_ids"]
+    ans = run_llamacpp(path, greedy=[{"ids": ids, "n": 5}, {"ids": ids, "n": 5, "ignore_eog": True}])
+    assert ans["greedy"] == [[], [end] * 5] and ans["generated_tokens"] == 5
+
 def test_exporting_at_the_grid_of_a_quantised_base_is_flagged_and_would_undo_the_fine_tune(tmp_path):
     """gguf-py's own quantizer shows the premise: weights on a Q4_1 grid plus a small update requantise to exactly
     the base; the note fires for the types whose grid holds the base's and for no other."""

@@ -1,7 +1,8 @@
 // Runs a GGUF file in real llama.cpp (the prebuilt binaries of the npm package node-llama-cpp) for taoke's
 // export check. Reads one JSON request (argv[2]), prints one JSON answer on stdout:
 //   tokenize: texts              -> llama.cpp's token ids (special tokens parsed)
-//   greedy:   [{ids, n}]         -> up to n greedy tokens after ids (stops at an end-of-generation token)
+//   greedy:   [{ids, n, ignore_eog}] -> up to n greedy tokens after ids (stops at an end-of-generation token,
+//                                    unless ignore_eog: then exactly n, as a speed measurement needs)
 //   nll:      [{ids, positions}] -> for each i in positions, log p(ids[i+1] | ids[..i]) from the full softmax
 // argv[3] is the node_modules folder holding node-llama-cpp (installed by `make llama`).
 import {readFileSync} from "node:fs";
@@ -41,8 +42,9 @@ for (const g of request.greedy ?? []) {
     await sequence.clearHistory();
     const out = [];
     if (g.n > 0) {
-        for await (const token of sequence.evaluate(g.ids, {temperature: 0})) {
-            if (model.isEogToken(token)) break;
+        // node-llama-cpp ends the generator at an end-of-generation token unless told to yield it
+        for await (const token of sequence.evaluate(g.ids, {temperature: 0, yieldEogToken: !!g.ignore_eog})) {
+            if (model.isEogToken(token) && !g.ignore_eog) break;
             out.push(token);
             if (out.length >= g.n) break;
         }
