@@ -92,7 +92,6 @@ def test_llama_cpp_tokenizes_and_continues_like_the_model(tiny, tmp_path):
     assert torch.allclose(torch.tensor(ans["nll"][0], dtype=torch.float32), want, atol=1e-2)  # llama.cpp keeps an f16 KV cache
 
 
-
 @needs_llama
 def test_llama_cpp_generates_past_an_end_of_turn_only_when_asked(tmp_path):
     """The export check stops at an end of turn; the speed bench asks for exactly n tokens (ignore_eog), so both
@@ -114,6 +113,7 @@ def test_llama_cpp_generates_past_an_end_of_turn_only_when_asked(tmp_path):
     ids = tok("Hello there", add_special_tokens=False)["input_ids"]
     ans = run_llamacpp(path, greedy=[{"ids": ids, "n": 5}, {"ids": ids, "n": 5, "ignore_eog": True}])
     assert ans["greedy"] == [[], [end] * 5] and ans["generated_tokens"] == 5
+
 
 def test_exporting_at_the_grid_of_a_quantised_base_is_flagged_and_would_undo_the_fine_tune(tmp_path):
     """gguf-py's own quantizer shows the premise: weights on a Q4_1 grid plus a small update requantise to exactly
