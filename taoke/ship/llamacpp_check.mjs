@@ -42,9 +42,8 @@ for (const g of request.greedy ?? []) {
     await sequence.clearHistory();
     const out = [];
     if (g.n > 0) {
-        // node-llama-cpp ends the generator at an end-of-generation token unless told to yield it
+        // node-llama-cpp itself ends the generator at an end-of-generation token, unless told to yield it
         for await (const token of sequence.evaluate(g.ids, {temperature: 0, yieldEogToken: !!g.ignore_eog})) {
-            if (model.isEogToken(token) && !g.ignore_eog) break;
             out.push(token);
             if (out.length >= g.n) break;
         }
