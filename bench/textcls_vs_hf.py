@@ -1,11 +1,19 @@
 """Text classification training: taoke vs HF Trainer on the same base, data, split and hyperparameters.
 
-    .venv/bin/python bench/textcls_vs_hf.py [--epochs 3] [--batch-size 16] [--lr 1e-4]
+    .venv/bin/python bench/textcls_vs_hf.py [--data topics|passages] [--epochs 1] [--batch-size 32] [--lr 1e-4]
+                                            [--max-length 64] [--repeat 3]
 
 Each side runs in its own fresh subprocess (so peak RSS is its own); both get the rows of taoke's
-seeded split of data/chatterbot/topics.csv, minilm-l6, the same epochs, batch size, learning rate,
-warmup, weight decay, max length and seed. Prints wall time, training samples/s, peak RSS and test
-macro-F1 for each, and the samples/s ratio; appends the table to bench/RESULTS.md.
+seeded split, minilm-l6, the same epochs, batch size, learning rate, warmup, weight decay, max length
+and seed. Two data shapes:
+- `topics`: data/chatterbot/topics.csv, one-line openings of conversations (about 8 words) and their topic;
+- `passages`: texts of a few sentences (three consecutive question/answer exchanges of one category of
+  data/chatterbot-lm/text, about 45 words), labelled with the category; categories with fewer than 14
+  passages are left out. Built from the shipped files into --tmp, deterministically.
+Times two things per run: the training call alone, and the whole process (interpreter start, imports, data split
+and tokenisation, model load, training, test-split prediction and macro-F1), and reports the median over
+--repeat runs (peers interleaved) with the spread, plus peak RSS and test macro-F1; appends the table to
+bench/RESULTS.md.
 
 HF Trainer is run twice: with its defaults (fp32, random batches) and with bf16=True and
 train_sampling_strategy="group_by_length", its own switches for what taoke does by default.
@@ -17,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,16 +34,50 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "text-topics.yaml"
+PASSAGE_SOURCE = ROOT / "data" / "chatterbot-lm" / "text"
+EXCHANGES_PER_PASSAGE = 3
+MIN_PASSAGES = 14
 
 
-def shared_split(max_length: int):
+def passages_csv(tmp: Path) -> Path:
+    """The `passages` shape as a CSV (text, label): every EXCHANGES_PER_PASSAGE consecutive Q/A paragraphs of a
+    category's text file joined into one text; categories with fewer than MIN_PASSAGES passages left out."""
+    import csv
+
+    rows = []
+    for f in sorted(PASSAGE_SOURCE.glob("*.txt")):
+        paras = [" ".join(p.split()) for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        k = EXCHANGES_PER_PASSAGE
+        texts = [" ".join(paras[i:i + k]) for i in range(0, len(paras) - k + 1, k)]
+        if len(texts) >= MIN_PASSAGES:
+            rows += [(t, f.stem) for t in texts]
+    out = tmp / "passages.csv"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([("text", "label"), *rows])
+    return out
+
+
+def data_file(args) -> Path:
+    return ROOT / "data" / "chatterbot" / "topics.csv" if args.data == "topics" else passages_csv(Path(args.tmp))
+
+
+def shared_split(args):
     from taoke.data.prepare import prepare_data
     from taoke.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE, [f"preprocess=[{{normalize_text: {{}}}}, {{dedup: {{}}}}, "
-                                     f"{{tokenize: {{max_length: {max_length}}}}}]"])
-    plan = prepare_data(recipe)
-    return plan
+    recipe = load_recipe(RECIPE, [f"data.train={data_file(args)}",
+                                  f"preprocess=[{{normalize_text: {{}}}}, {{dedup: {{}}}}, "
+                                  f"{{tokenize: {{max_length: {args.max_length}}}}}]"])
+    return prepare_data(recipe)
+
+
+def median_tokens(plan, tok) -> int:
+    """Median tokens a training text (untruncated), for the record of the data shape."""
+    from taoke.data.encode import text_column
+
+    texts = text_column(plan.splits["train"], plan.spec["inputs"])
+    return int(statistics.median(len(ids) for ids in tok(list(texts))["input_ids"]))
 
 
 def worker_taoke(args) -> dict:
@@ -49,7 +92,7 @@ def worker_taoke(args) -> dict:
     from taoke.train.core import seed_everything
     from transformers import AutoTokenizer
 
-    plan = shared_split(args.max_length)
+    plan = shared_split(args)
     base = resolve("minilm-l6")
     seed_everything(args.seed)
     model = load_hf_classifier(base.path, len(plan.labels), plan.labels, regression=False)
@@ -65,7 +108,8 @@ def worker_taoke(args) -> dict:
     out = predict(model, test, 64)
     f1 = classification_metrics(test.targets.numpy(), out.argmax(-1).numpy())["macro_f1"]
     return {"train_seconds": seconds, "samples_per_s": len(train) * args.epochs / seconds, "macro_f1": f1,
-            "train_rows": len(train), "threads": torch.get_num_threads()}
+            "train_rows": len(train), "classes": len(plan.labels), "median_tokens": median_tokens(plan, tok),
+            "threads": torch.get_num_threads()}
 
 
 def worker_hf(args, tuned: bool) -> dict:
@@ -79,7 +123,7 @@ def worker_hf(args, tuned: bool) -> dict:
     from taoke.data.encode import text_column
     from taoke.library import resolve
 
-    plan = shared_split(args.max_length)
+    plan = shared_split(args)
     base = resolve("minilm-l6")
     inputs = plan.spec["inputs"]
     label_id = {name: i for i, name in enumerate(plan.labels)}
@@ -109,13 +153,13 @@ def worker_hf(args, tuned: bool) -> dict:
     f1 = f1_score(pred.label_ids, np.argmax(pred.predictions, -1), average="macro",
                   labels=list(range(len(plan.labels))), zero_division=0)
     return {"train_seconds": seconds, "samples_per_s": len(train) * args.epochs / seconds, "macro_f1": float(f1),
-            "train_rows": len(train), "threads": torch.get_num_threads()}
+            "train_rows": len(train), "classes": len(plan.labels), "threads": torch.get_num_threads()}
 
 
 def run_worker(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--epochs", str(args.epochs), "--batch-size",
-           str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--seed", str(args.seed),
-           "--tmp", args.tmp]
+    cmd = [sys.executable, __file__, "--worker", name, "--data", args.data, "--epochs", str(args.epochs),
+           "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length),
+           "--seed", str(args.seed), "--tmp", args.tmp]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - t0
@@ -126,14 +170,41 @@ def run_worker(name: str, args) -> dict:
     return result
 
 
+def spread(values: list[float], fmt: str = ".1f") -> str:
+    """median (min-max) of repeated runs."""
+    med = statistics.median(values)
+    return f"{med:{fmt}}" if len(values) == 1 else f"{med:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+NAMES = {"taoke": "taoke", "hf": "HF Trainer (defaults: fp32)", "hf-tuned": "HF Trainer (bf16, group_by_length)"}
+
+
+def table(runs: dict[str, list[dict]]) -> list[str]:
+    """One row per peer: medians (min-max) over the runs; ratios are medians of the per-round ratios."""
+    lines = ["| run | train s | samples/s | whole process s | peak RSS MB | test macro-F1 | taoke speed-up: training "
+             "| taoke speed-up: whole process |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ours = runs["taoke"]
+    for key, rs in runs.items():
+        train_ratio = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, rs)]
+        whole_ratio = [b["wall_seconds"] / a["wall_seconds"] for a, b in zip(ours, rs)]
+        f1 = sorted({round(r["macro_f1"], 4) for r in rs})
+        lines.append(f"| {NAMES[key]} | {spread([r['train_seconds'] for r in rs])} | "
+                     f"{spread([r['samples_per_s'] for r in rs])} | {spread([r['wall_seconds'] for r in rs])} | "
+                     f"{statistics.median(r['peak_rss_mb'] for r in rs):.0f} | {' / '.join(map(str, f1))} | "
+                     f"{spread(train_ratio, '.2f')}x | {spread(whole_ratio, '.2f')}x |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", choices=["taoke", "hf", "hf-tuned"])
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--data", choices=["topics", "passages"], default="topics")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each peer, interleaved; medians are reported")
     ap.add_argument("--tmp", default="/tmp/taoke-bench")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
@@ -145,25 +216,32 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    results = {name: run_worker(name, args) for name in ("taoke", "hf", "hf-tuned")}
+    runs: dict[str, list[dict]] = {name: [] for name in NAMES}
+    for i in range(args.repeat):
+        for name in NAMES:
+            runs[name].append(run_worker(name, args))
+            print(f"round {i + 1}/{args.repeat} {name}: whole process {runs[name][-1]['wall_seconds']:.1f} s, "
+                  f"training {runs[name][-1]['train_seconds']:.1f} s", file=sys.stderr, flush=True)
     import torch
     import transformers
 
-    from taoke.hardware import machine_summary
+    from taoke.hardware import KERNEL_FLAGS, cpu_flags, machine_summary
 
+    first = runs["taoke"][0]
+    shape = ("data/chatterbot/topics.csv (one-line openings)" if args.data == "topics" else
+             f"passages of {EXCHANGES_PER_PASSAGE} Q/A exchanges of data/chatterbot-lm/text")
+    flags = ", ".join(sorted(set(KERNEL_FLAGS) & cpu_flags())) or "none of note"
     lines = [f"### textcls_vs_hf — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
-             f"machine: {machine_summary()}; torch {torch.__version__}, transformers {transformers.__version__}", "",
-             f"minilm-l6 full fine-tune on data/chatterbot/topics.csv ({results['taoke']['train_rows']} train rows), "
-             f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, max length {args.max_length}, seed "
-             f"{args.seed}", "",
-             "| run | train s | samples/s | peak RSS MB | test macro-F1 | taoke speed-up |",
-             "|---|---:|---:|---:|---:|---:|"]
-    names = {"taoke": "taoke", "hf": "HF Trainer (defaults: fp32)", "hf-tuned": "HF Trainer (bf16, group_by_length)"}
-    for key, r in results.items():
-        ratio = results["taoke"]["samples_per_s"] / r["samples_per_s"]
-        lines.append(f"| {names[key]} | {r['train_seconds']:.1f} | {r['samples_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['macro_f1']:.4f} | {ratio:.2f}x |")
-    lines.append("")
+             f"Command: `.venv/bin/python bench/textcls_vs_hf.py --data {args.data} --epochs {args.epochs} "
+             f"--batch-size {args.batch_size} --lr {args.lr} --max-length {args.max_length} --repeat {args.repeat}`",
+             "",
+             f"machine: {machine_summary()}; CPU flags: {flags}; "
+             f"torch {torch.__version__}, transformers {transformers.__version__}", "",
+             f"minilm-l6 full fine-tune on {shape} ({first['train_rows']} train rows, {first['classes']} classes, "
+             f"median {first['median_tokens']} tokens a text), {args.epochs} epochs, batch {args.batch_size}, "
+             f"lr {args.lr}, max length {args.max_length}, seed {args.seed}; {args.repeat} runs per peer, "
+             "interleaved: median (min-max). Whole process: the subprocess from start to exit (imports, split, "
+             "tokenisation, model load, training, test prediction).", "", *table(runs), ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

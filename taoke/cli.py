@@ -7,26 +7,26 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from huggingface_hub.utils import disable_progress_bars
 from rich.console import Console
 from rich.table import Table
-from transformers.utils import logging as hf_logging
 
 from taoke import cli_export, cli_provenance, cli_serve
 from taoke.derive import derive as derive_run
 from taoke.errors import DataError, TaokeError
-from taoke.evaluate.compare import compare_runs
 from taoke.files import write_jsonl_atomic
-from taoke.inference import load
-from taoke.inference.language import load_chat_model
-from taoke.library import add_model, list_models, registry_path, resolve, weight_files
-from taoke.lm.chat import chat_loop
-from taoke.run import Run, check_output, list_runs
 from taoke.formats.sealed import resolve_key
+from taoke.library import add_model, list_models, registry_path, resolve, weight_files
+from taoke.run import Run, check_output, list_runs
+
+# Each command imports the libraries only it needs (models, ONNX, plots) in its body: `taoke --help` and the light
+# commands start in about a second instead of loading all of them.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="taoke (套壳): build task models on open base models, and prove what a model is built on.")
@@ -61,6 +61,8 @@ def eval_(model: str = typer.Argument(..., help="run directory or model/ folder"
           as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
           key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_HELP)):
     """Score a derived model on new data, or on one of its run's splits."""
+    from taoke.inference import load
+
     result = load(model, key=resolve_key(key_file)).evaluate(data, split)
     if as_json:
         print_json(result)
@@ -83,6 +85,8 @@ def predict(model: str = typer.Argument(..., help="run directory or model/ folde
             as_json: bool = typer.Option(False, "--json"),
             key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_HELP)):
     """Predict with a derived model: labels with probabilities (or completions for language models)."""
+    from taoke.inference import load
+
     if output is not None:
         check_output(output, force)
     predictor = load(model, key=resolve_key(key_file))
@@ -113,6 +117,9 @@ def chat(model: str = typer.Argument(..., help="model reference: library name, H
          device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
          key_file: Optional[Path] = typer.Option(None, "--key-file", help=KEY_HELP)):
     """Chat with a causal language model in the terminal (streams tokens; /reset, /exit)."""
+    from taoke.inference.language import load_chat_model
+    from taoke.lm.chat import chat_loop
+
     m, tok = load_chat_model(model, device, key=resolve_key(key_file))
     chat_loop(m, tok, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
 
@@ -177,6 +184,8 @@ def runs_compare(runs: List[Path] = typer.Argument(..., help="two or more run di
                  force: bool = typer.Option(False, "--force", help="overwrite the PNG if it exists"),
                  as_json: bool = typer.Option(False, "--json")):
     """Runs side by side: metrics table and validation curves overlaid in one PNG."""
+    from taoke.evaluate.compare import compare_runs
+
     png = check_output(png or Path(runs[0]).parent / "compare.png", force)
     result = compare_runs(runs, png)
     if as_json:
@@ -219,9 +228,16 @@ cli_serve.register(app)
 
 
 def main() -> None:
-    # Quieter transformers for CLI users: its per-load warnings and download bars are noise here.
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
+    # Quieter transformers for CLI users: its per-load warnings and download bars are noise here. transformers reads
+    # both switches when it is imported (its log level from TRANSFORMERS_VERBOSITY, its bars from huggingface_hub's),
+    # so the commands that need it import it themselves, later.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
     try:
         app()
     except TaokeError as e:

@@ -9,8 +9,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from taoke.ship import export
-
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
@@ -28,6 +26,8 @@ def register(app: typer.Typer) -> None:
                                              "model) instead of rounding each weight to nearest"),
                    as_json: bool = typer.Option(False, "--json", help="print the export's lineage record")) -> None:
         """Export a derived model (GGUF / ONNX / HF), check it in its runtime, record it as a derivation."""
+        from taoke.ship import export   # here, not at the top: the other commands need not load the exporters
+
         exp = export(run, format, quant, out, check=not no_check, quiet=as_json, gptq=gptq)
         if as_json:
             typer.echo(json.dumps(exp.lineage, indent=2, default=str))

@@ -12,14 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from taoke.errors import ModelError
-from taoke.provenance.diff import diff
-from taoke.provenance.endpoint import verify_endpoint
-from taoke.provenance.merge import merge_lines, merge_report
-from taoke.provenance.normalize import normalize
-from taoke.provenance.signature import sign_run, verify_run_signature
-from taoke.provenance.tree import lineage_report
-from taoke.provenance.verify import summary_lines, verify_references, weights_of
 from taoke.run import check_output
+
+# each command imports its provenance module in its body: the other commands need not load them
 
 
 def _print_json(obj) -> None:
@@ -52,6 +47,10 @@ def register(app: typer.Typer) -> None:
                    as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Test from the weights whether B derives from A (or both share an ancestor); with --endpoint, test the
         model behind an API from its answers."""
+        from taoke.provenance.endpoint import verify_endpoint
+        from taoke.provenance.merge import merge_lines, merge_report
+        from taoke.provenance.verify import summary_lines, verify_references
+
         if endpoint is not None:
             if b is not None or parent:
                 raise ModelError("with --endpoint give one model, the claimed base: taoke verify --endpoint URL A "
@@ -81,6 +80,9 @@ def register(app: typer.Typer) -> None:
                  force: bool = typer.Option(False, "--force", help="overwrite diff.json / diff_heatmap.png in --out"),
                  as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Per-layer similarity table, heatmap and what changed between A and B."""
+        from taoke.provenance.diff import diff
+        from taoke.provenance.verify import weights_of
+
         for name in ("diff.json", "diff_heatmap.png") if out is not None else ():
             check_output(out / name, force)
         report = diff(weights_of(a), weights_of(b), out)
@@ -103,6 +105,9 @@ def register(app: typer.Typer) -> None:
     def normalize_cmd(src: str = typer.Argument(..., help="checkpoint with renamed tensors"),
                       dst: Path = typer.Argument(..., help="new directory for the canonical checkpoint")) -> None:
         """Rewrite a checkpoint under its family's canonical names and config; check identical logits."""
+        from taoke.provenance.normalize import normalize
+        from taoke.provenance.verify import weights_of
+
         rep = normalize(weights_of(src), dst)
         typer.echo(f"wrote {rep['output']} ({rep['family']}, {rep['tensors']} tensors, "
                    f"{len(rep['renamed'])} renamed); logits on a {rep['probe_tokens']}-token probe: "
@@ -115,6 +120,8 @@ def register(app: typer.Typer) -> None:
                     key: Optional[Path] = typer.Option(None, "--key", help="public key (PEM): verify signed nodes"),
                     as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Scan a folder, verify claimed and unclaimed relations, and draw the family tree (signed nodes marked)."""
+        from taoke.provenance.tree import lineage_report
+
         for suffix in (".json", ".mmd", ".png") if out is not None else ():
             check_output(out / f"lineage_tree{suffix}", force)
         tree = lineage_report(directory, out, public_key=key)
@@ -132,6 +139,8 @@ def register(app: typer.Typer) -> None:
                  key: Path = typer.Option(..., "--key", help="EC private key (PEM; openssl ecparam -name prime256v1 "
                                           "-genkey -noout -out key.pem)")) -> None:
         """Sign a run's record (weights, lineage.json, card, recipe, report) with model-signing; writes model.sig."""
+        from taoke.provenance.signature import sign_run
+
         res = sign_run(run, key)
         typer.echo(f"signed {res['files']} files of {res['run']}: {res['signature']}")
 
@@ -140,6 +149,8 @@ def register(app: typer.Typer) -> None:
                              key: Path = typer.Option(..., "--key", help="the signer's EC public key (PEM)"),
                              as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Check a run's signature and that no signed file changed (exit 2 if either fails)."""
+        from taoke.provenance.signature import verify_run_signature
+
         res = verify_run_signature(run, key)
         if as_json:
             _print_json(res)

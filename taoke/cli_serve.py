@@ -10,8 +10,8 @@ from rich.console import Console
 
 from taoke.errors import ModelError
 from taoke.formats.sealed import new_key, resolve_key
-from taoke.ship.seal import seal_run, unseal_run
-from taoke.ship.serve import ServeOptions, serve
+
+# the serving and sealing modules are imported in the commands' bodies: the other commands need not load them
 
 
 def _key(key_file: Optional[Path], create: bool = False) -> bytes:
@@ -59,6 +59,8 @@ def register(app: typer.Typer) -> None:
         device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)"),
     ) -> None:
         """Serve a model over an OpenAI-compatible HTTP API (chat/completions, classify, embeddings, metrics)."""
+        from taoke.ship.serve import ServeOptions, serve
+
         opts = ServeOptions(host=host, port=port, api_keys=api_keys, rate_limit=rate_limit, model_name=model_name,
                             engine=engine, upstream=upstream, upstream_model=upstream_model, vllm_args=vllm_arg,
                             key_file=key_file, max_batch=max_batch, max_queue=max_queue, max_model_len=max_model_len,
@@ -75,6 +77,8 @@ def register(app: typer.Typer) -> None:
                                                          "TAOKE_SEAL_KEY)"),
                  create: bool = typer.Option(False, "--new-key", help="write a new random key to --key-file first")):
         """Encrypt a run's weight files at rest (AES-256-GCM); serve/predict/eval/chat open it with the key."""
+        from taoke.ship.seal import seal_run
+
         result = seal_run(run, _key(key_file, create))
         typer.echo(f"sealed {len(result['files'])} weight file(s) of {result['run']}: {', '.join(result['files'])}")
 
@@ -82,5 +86,7 @@ def register(app: typer.Typer) -> None:
     def unseal_cmd(run: Path = typer.Argument(..., help="sealed run directory"),
                    key_file: Optional[Path] = typer.Option(None, "--key-file", help="the key it was sealed with")):
         """Decrypt a sealed run's weight files back to plain files (their recorded sha256 verified)."""
+        from taoke.ship.seal import unseal_run
+
         result = unseal_run(run, _key(key_file))
         typer.echo(f"unsealed {len(result['files'])} weight file(s) of {result['run']}; hashes match lineage.json")

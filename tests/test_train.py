@@ -88,3 +88,29 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     fit(resumed, data, None, cfg, regression=False, quiet=True, checkpoint_dir=tmp_path, resume=True)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+@pytest.mark.parametrize("total,warmup_ratio", [(1, 0.0), (8, 0.1), (37, 0.25), (100, 0.0)])
+def test_schedule_is_transformers_get_scheduler(kind, total, warmup_ratio):
+    """make_scheduler writes transformers' formulas out (to keep peft out of a run's start): every step's learning
+    rate must be exactly what transformers.get_scheduler gives."""
+    from transformers import get_scheduler
+
+    from taoke.train.core import make_scheduler
+
+    def lrs(make) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4)
+        sched = make(opt)
+        out = []
+        for _ in range(total + 2):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+
+    cfg = TrainConfig(scheduler=kind, warmup_ratio=warmup_ratio)
+    ours = lrs(lambda opt: make_scheduler(opt, cfg, total))
+    theirs = lrs(lambda opt: get_scheduler(kind, opt, num_warmup_steps=int(warmup_ratio * total),
+                                           num_training_steps=total))
+    assert ours == theirs

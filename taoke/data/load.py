@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import sklearn.datasets as skd
 from datasets import load_dataset
 
 from taoke.errors import DataError, FormatError
@@ -151,6 +150,8 @@ def _load_sklearn(spec: str) -> Table:
     if name not in SKLEARN_SOURCES:
         raise DataError(f"unknown bundled dataset '{spec}'. Available: "
                         + ", ".join(f"sklearn:{k}" for k in SKLEARN_SOURCES))
+    import sklearn.datasets as skd   # 0.7 s to import: only for these datasets
+
     loader, family, data_file = SKLEARN_SOURCES[name]
     bunch = getattr(skd, loader)()
     if family == "image":

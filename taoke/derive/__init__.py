@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from taoke.derive.classify import derive_classifier
-from taoke.derive.language import derive_language_model
 from taoke.errors import RecipeError
 from taoke.library import resolve
 from taoke.recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
@@ -53,5 +51,9 @@ def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str
         if parent.sealed:
             raise RecipeError(f"{base.run_dir}: the parent run is sealed; unseal it first (taoke unseal)")
     if parsed.is_lm:
+        from taoke.derive.language import derive_language_model   # each workflow loads its own libraries
+
         return derive_language_model(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)
+    from taoke.derive.classify import derive_classifier
+
     return derive_classifier(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)

@@ -12,7 +12,6 @@ from taoke.files import read_json_object
 from taoke.formats.base import WeightReader
 from taoke.formats.gguf_io import GGUFWeightReader
 from taoke.formats.hf_dir import check_config_sizes, index_shards, read_tokens, weight_bytes
-from taoke.formats.onnx_io import OnnxReader
 from taoke.formats.safetensors_io import SafetensorsReader, read_header
 from taoke.formats.torch_io import TorchReader
 from taoke.library import BaseRef, resolve
@@ -25,6 +24,8 @@ def _reader_for_file(path: Path) -> WeightReader:
     if suffix == ".gguf":
         return GGUFWeightReader(path)
     if suffix == ".onnx":
+        from taoke.formats.onnx_io import OnnxReader   # onnx loads in ~0.5 s: only for ONNX files
+
         return OnnxReader(path)
     if suffix in (".bin", ".pt", ".pth"):
         return TorchReader([path])

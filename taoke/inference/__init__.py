@@ -5,18 +5,19 @@ language models (inference/language.py; exported to GGUF: loaded through transfo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taoke.errors import ModelError
-from taoke.inference.language import LanguagePredictor
-from taoke.inference.onnx_runtime import OnnxPredictor, is_onnx_model
-from taoke.inference.task import TaskPredictor
+from taoke.formats.sealed import SUFFIX as SEALED_SUFFIX
+from taoke.inference.sealed import sealed_state
 from taoke.models.task_model import read_meta
 from taoke.recipe import LM_TASKS
 from taoke.run import Run
-from taoke.formats.sealed import SUFFIX as SEALED_SUFFIX
-from taoke.inference.sealed import sealed_state
 
-Predictor = TaskPredictor | OnnxPredictor | LanguagePredictor
+if TYPE_CHECKING:
+    from taoke.inference.language import LanguagePredictor
+    from taoke.inference.onnx_runtime import OnnxPredictor
+    from taoke.inference.task import TaskPredictor
 
 
 def locate(ref: str | Path) -> tuple[Path, Run | None]:
@@ -32,7 +33,8 @@ def locate(ref: str | Path) -> tuple[Path, Run | None]:
                      "For a base model, derive a task model first.")
 
 
-def load(ref: str | Path, device: str | None = None, key: bytes | None = None) -> Predictor:
+def load(ref: str | Path, device: str | None = None, key: bytes | None = None
+         ) -> TaskPredictor | OnnxPredictor | LanguagePredictor:
     """The model of a run (or its model/ folder), ready to predict and evaluate. A sealed run needs its `key`
     (or $TAOKE_SEAL_KEY): its weights are decrypted in memory only."""
     model_dir, run = locate(ref)
@@ -44,9 +46,17 @@ def load(ref: str | Path, device: str | None = None, key: bytes | None = None) -
         raise ModelError(f"{ref}: sealed weights outside their run directory; give the run directory, whose "
                          "lineage.json records them")
     meta = read_meta(model_dir)
+    # each kind imports its own runtime here (the LM stack with peft, ONNX Runtime): a classifier needs neither
+    from taoke.inference.onnx_runtime import OnnxPredictor, is_onnx_model
+
     if is_onnx_model(meta):
         if state is not None:
             raise ModelError(f"{ref}: a sealed ONNX export cannot be opened yet; unseal it first (taoke unseal)")
         return OnnxPredictor.load(model_dir, run, device)
-    predictor = LanguagePredictor if meta.get("task") in LM_TASKS else TaskPredictor
-    return predictor.load(model_dir, run, device, state=state)
+    if meta.get("task") in LM_TASKS:
+        from taoke.inference.language import LanguagePredictor
+
+        return LanguagePredictor.load(model_dir, run, device, state=state)
+    from taoke.inference.task import TaskPredictor
+
+    return TaskPredictor.load(model_dir, run, device, state=state)

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from taoke.errors import ModelError
@@ -108,6 +107,8 @@ def load_adapter_run(model_dir: Path, device=None, dtype=None):
     if len(tok) > model.get_input_embeddings().weight.shape[0]:
         # the run added tokens: their rows are in the adapter (trainable tokens); make room for them
         model.resize_token_embeddings(len(tok), mean_resizing=False)
+    from peft import PeftModel   # ~1.4 s to import: only for adapter-only runs
+
     try:
         model = PeftModel.from_pretrained(model, model_dir).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as err:

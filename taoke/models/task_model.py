@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification
@@ -277,5 +276,7 @@ def load_adapter_model(adapter_dir: Path, meta: dict) -> HFClassifier:
     else:
         model = load_hf_classifier(base.path, meta["num_outputs_base"], meta["labels"], meta["labels"] is None)
     apply_head_spec(model, meta.get("head"))
+    from peft import PeftModel   # peft loads in ~1.4 s: only for adapter runs
+
     model.hf = PeftModel.from_pretrained(model.hf, str(adapter_dir))
     return model

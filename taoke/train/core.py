@@ -2,18 +2,18 @@
 
 Classifier, causal-LM and DPO loops differ in what a batch is and how its loss is computed; they do the
 same thing here: decay matrices but not biases and norm gains, warm up and decay the learning rate with
-transformers' schedules, clip the global gradient norm, step, and clear the gradients.
+transformers' schedules (their formulas), clip the global gradient norm, step, and clear the gradients.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import get_scheduler
 
 from taoke.errors import RecipeError
 from taoke.recipe import TrainConfig
@@ -42,9 +42,31 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
 
+def schedule_factor(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """The learning-rate multiplier at `step` of transformers' get_scheduler schedules of that name (linear, cosine
+    with half a cycle, constant, constant_with_warmup): the same formulas. Written out because importing
+    transformers.optimization loads its Trainer utilities and with them peft, 1.2 s of every run's start (a full
+    fine-tune never needs peft); tests/test_train.py checks every step against get_scheduler itself."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if kind == "cosine":
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "constant_with_warmup":
+        return 1.0
+    raise RecipeError(f"train.scheduler: unknown schedule '{kind}'; use linear, cosine, constant or "
+                      "constant_with_warmup")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    return get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                         num_training_steps=total_steps)
+    factor = partial(schedule_factor, kind=cfg.scheduler, warmup=int(cfg.warmup_ratio * total_steps),
+                     total=total_steps)
+    factor(0)   # an unknown name fails here, before training
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
