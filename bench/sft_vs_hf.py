@@ -69,7 +69,7 @@ def worker(peer: str, args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     from taoke.adapt.language import adapt_lm
     from taoke.hardware import peak_rss_mb
     from taoke.lm.load import load_causal_lm
@@ -113,7 +113,8 @@ def recipe_blocks(peer, args):
     from taoke.recipe import AdaptConfig, LMConfig, TrainConfig
 
     train_cfg = TrainConfig(lr=args.lr, max_steps=args.steps, batch_size=args.batch, warmup_ratio=0.1,
-                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=0, threads=args.threads,
+                            scheduler="cosine", max_grad_norm=1.0, weight_decay=0.0, seed=args.seed,
+                            threads=args.threads,
                             precision="fp32" if peer == "taoke-fp32" else "auto")
     lm_cfg = LMConfig(seq_len=args.seq_len, compile=args.compile, beta=BETA)
     adapt_cfg = (AdaptConfig(method="full") if args.method == "full" else
@@ -198,7 +199,7 @@ def _hf_args(peer, args) -> dict:
     return dict(output_dir="/tmp/taoke-bench-hf", per_device_train_batch_size=args.batch, max_steps=args.steps,
                 learning_rate=args.lr, warmup_steps=int(0.1 * args.steps), lr_scheduler_type="cosine",
                 max_grad_norm=1.0, weight_decay=0.0, logging_steps=max(1, args.steps // 4), save_strategy="no",
-                report_to=[], seed=0, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                report_to=[], seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                 bf16=peer.endswith("-bf16"))
 
 
@@ -295,7 +296,7 @@ def run_peer(peer, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", peer, "--out", str(out), "--steps", str(args.steps),
            "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--lr", str(args.lr),
            "--threads", str(args.threads), "--compile", args.compile, "--data", args.data, "--dropout", str(args.dropout),
-           "--method", args.method]
+           "--method", args.method, "--seed", str(args.seed)]
     env, cache = dict(os.environ), None
     if args.cold_cache:  # inductor's on-disk cache starts empty: the compile is paid in full in this run
         cache = env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="taoke-bench-inductor-")
@@ -333,6 +334,8 @@ def main():
                     help="avx2: cap oneDNN, ATen and MKL at AVX2 (bf16 then emulated) in every process, to measure "
                          "what a CPU without AVX512 and native bf16 gets")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument("--seed", type=int, default=0, help="every peer's seed (initialisation, data order, dropout): "
+                    "rerun with others to see how far held-out loss moves with them alone")
     ap.add_argument("--worker")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -409,7 +412,8 @@ def main():
                    f"tokens = chosen + rejected"}[args.method]
     head = (f"\n## sft_vs_hf --method {args.method} — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
             f"{what}, "
-            f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, threads={args.threads}, "
+            f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, "
+            f"seed={args.seed}, threads={args.threads}, "
             f"taoke compile={args.compile}{' (cold cache)' if args.cold_cache else ''}, {args.repeat} interleaved run(s) per peer (medians; RSS: the largest). "
             f"Machine: {os.cpu_count()} cores, {cpu}, native bf16: {cpu_has_bf16()}; "
             + (f"run as an AVX2-only CPU ({', '.join(f'{k}={v}' for k, v in AVX2_ONLY.items())}: no AVX512, bf16 "

@@ -9,7 +9,8 @@ from taoke.recipe import TrainConfig
 from taoke.train.batches import Encoded
 from taoke.train.embedding_rows import UsedRowsEmbedding, compact_input_embedding
 from taoke.hardware import cpu_has_bf16
-from taoke.train.precision import BF16_MIN_PARAMS, MIN_SPEEDUP, autocast_dtype, choose_for_training, choose_precision
+from taoke.train.precision import (BF16_MIN_PARAMS, MIN_SPEEDUP, choose_for_training, choose_precision,
+                                   inference_dtype)
 
 
 def text_data(n=96, vocab_used=60, seed=0):
@@ -70,12 +71,44 @@ def test_compact_rows_skipped_where_not_exact_or_not_worth_it():
     assert handle is not None and len(handle.compact.row_ids) < 60
 
 
+def test_evaluation_times_nothing(monkeypatch):
+    """Prediction and LM evaluation pick their precision without a timing probe: a probe reads the machine's load, and
+    a run's recorded metrics and a later `taoke eval` could then run in different precisions and disagree."""
+    import taoke.train.precision as precision
+    from taoke.lm.train import evaluate_lm
+    from tests.lm_helpers import tiny_llama
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("evaluation must not time anything")
+
+    monkeypatch.setattr(precision, "bf16_speedup", no_probe)
+    monkeypatch.setattr(precision, "step_speedup", no_probe)
+    class Classifier(torch.nn.Module):   # large enough (>= BF16_MIN_PARAMS) that training would probe it
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2048, 2560),
+                                              torch.nn.Linear(2560, 3))
+
+        def forward(self, pixel_values):
+            return self.layers(pixel_values)
+
+    classifier = Classifier()
+    data = Encoded("image", torch.zeros(4, dtype=torch.long), dense=torch.randn(4, 1, 32, 64))
+    ours = loop.predict(classifier, data)
+    with torch.no_grad():
+        assert torch.equal(ours, classifier(data.dense))   # fp32 on a CPU, as the model computes it alone
+    lm = tiny_llama()
+    rows = [{"input_ids": [1, 5, 7, 9], "labels": [1, 5, 7, 9]}]
+    assert evaluate_lm(lm, rows, pad_id=0, seq_len=8)["tokens"] == 3
+
+
 def test_precision_choice_follows_its_own_measurement():
     cpu = torch.device("cpu")
     big = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 2048))
     assert sum(p.numel() for p in big.parameters()) >= BF16_MIN_PARAMS
-    assert autocast_dtype("fp32", cpu, big) is None
-    assert autocast_dtype("bf16", cpu, big) is torch.bfloat16
+    assert inference_dtype("fp32", cpu) is None
+    assert inference_dtype("bf16", cpu) is torch.bfloat16
+    assert inference_dtype("auto", cpu) is None   # evaluation never times anything: same numbers under any load
     small = choose_precision("auto", cpu, torch.nn.Linear(8, 8))
     choice = choose_precision("auto", cpu, big, tokens=256)
     if not cpu_has_bf16():   # emulated bf16 is never chosen, and nothing is timed
@@ -136,4 +169,4 @@ def test_onednn_isa_cap_below_bf16_means_fp32_and_is_recorded(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_precision_on_cuda_is_bf16_where_supported():
     dev = torch.device("cuda")
-    assert autocast_dtype("auto", dev) == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
+    assert inference_dtype("auto", dev) == (torch.bfloat16 if torch.cuda.is_bf16_supported() else None)

@@ -31,7 +31,7 @@ from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler,
                               trainable)
 from taoke.train.checkpoint import (checkpoint_position, has_checkpoint, load_checkpoint, restore_trainable,
                                     save_checkpoint, trainable_state)
-from taoke.train.precision import PrecisionChoice, autocast, autocast_dtype, choose_for_training
+from taoke.train.precision import PrecisionChoice, autocast, choose_for_training, inference_dtype
 
 
 @dataclass
@@ -202,7 +202,7 @@ def evaluate_lm(model, rows: list[dict], pad_id: int, seq_len: int = 512, batch_
     was_training = model.training
     model.eval()
     device = model_device(model)
-    dtype = autocast_dtype(precision, device, model, batch_size * seq_len)
+    dtype = inference_dtype(precision, device)
     total, n = 0.0, 0
     for b in make_batches(rows, seq_len, batch_size, pad_id, packing=True, seed=None):
         with autocast(device, dtype):

@@ -26,7 +26,7 @@ from taoke.train.core import (check_finite_loss, make_optimizer, make_scheduler,
                               total_steps, trainable)
 from taoke.train.distill import mixed_loss
 from taoke.train.embedding_rows import EmbeddingRowsHandle, compact_input_embedding
-from taoke.train.precision import PrecisionChoice, autocast, autocast_dtype, choose_precision
+from taoke.train.precision import PrecisionChoice, autocast, choose_precision, inference_dtype
 
 
 @dataclass
@@ -54,7 +54,7 @@ def predict(model: torch.nn.Module, data: Encoded, batch_size: int = 64, device:
             precision: str = "auto") -> torch.Tensor:
     """Model outputs for every row of `data`, in order, as fp32 on the CPU."""
     device = device or next(model.parameters()).device
-    dtype = autocast_dtype(precision, device, model, batch_size * _mean_length(data))
+    dtype = inference_dtype(precision, device)
     model.eval()
     outs = []
     for idx in batch_indices(data, batch_size, shuffle=False, bucket=False):

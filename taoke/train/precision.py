@@ -5,9 +5,10 @@ AVX512-BF16 or AMX, bf16 matmuls run 2-3x faster than fp32; without them torch e
 10-300x slower, so such a CPU always gets fp32. Where the CPU has native bf16, "auto" measures: a
 training loop hands `choose_precision` its real step (the model, adapters and loss it will train, on a
 slice of its first batch) and bf16 is kept only when that step runs faster in it; without a step (the
-classifier loop, evaluation) the model's own largest matmul is timed in both precisions (forward and the
-two backward products, casts included, as autocast does them). The choice and its measurement are
-recorded in the run's `runtime`.
+classifier loop) the model's own largest matmul is timed in both precisions (forward and the two backward
+products, casts included, as autocast does them). The choice and its measurement are recorded in the run's
+`runtime`. Evaluation and prediction time nothing (inference_dtype): fp32 on a CPU, so their numbers do not
+depend on how busy the machine was.
 """
 
 from __future__ import annotations
@@ -147,12 +148,19 @@ def choose_for_training(precision: str, device: torch.device, model: torch.nn.Mo
     return choose_precision(precision, device, model, step=step)
 
 
-def autocast_dtype(precision: str, device: torch.device, model: torch.nn.Module | None = None,
-                   tokens: int = 512) -> torch.dtype | None:
-    """torch.bfloat16 to run under autocast, or None for fp32 (choose_precision without its record)."""
-    return choose_precision(precision, device, model, tokens).dtype
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """What evaluation and prediction run in: torch.bfloat16 under autocast, or None for fp32. No timing here:
+    "auto" is bf16 on a GPU that supports it and fp32 on a CPU, so a run's recorded test metrics, `taoke eval` and
+    `taoke predict` give the same numbers however busy the machine is. (A timing probe reads the load: under
+    load it measured bf16 at 0.60x fp32 on an AMX CPU where bf16 runs ~3x faster, and a run's recorded accuracy
+    and its `taoke eval` then ran in different precisions.)"""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """The autocast context for a choice made by autocast_dtype."""
+    """The autocast context for a choice made by choose_precision or inference_dtype."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
