@@ -10,7 +10,6 @@ GPU; when it fails, training goes on eagerly with a warning.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import shutil
 import warnings
@@ -68,10 +67,6 @@ class CompiledDecoder:
             warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                           f"training eagerly. Set lm.compile: false to skip the attempt.", stacklevel=2)
         return self
-
-    def eager(self):
-        """A context in which the compiled layers run eagerly (evaluation: no grad, other shapes, no recompile)."""
-        return torch.compiler.set_stance("force_eager") if self.active else contextlib.nullcontext()
 
     def _uncompile(self) -> None:
         for layer in self.layers:

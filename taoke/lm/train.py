@@ -184,10 +184,9 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
                         "seconds": time.perf_counter() - start, "precision": choice.name,
                         "precision_measured": choice.measured})
         hist.seconds = time.perf_counter() - start
-        if eval_rows:
-            with compiled.eager():
-                hist.evals.append({"step": n_steps, **evaluate_lm(model, eval_rows, pad_id, lm.seq_len,
-                                                                  precision=train.precision)})
+    if eval_rows:   # after the frozen weights are back in fp32 and the layers eager: as `taoke eval` runs the model
+        hist.evals.append({"step": n_steps, **evaluate_lm(model, eval_rows, pad_id, lm.seq_len,
+                                                          precision=train.precision)})
     if device.type == "cpu":
         release_freed_memory()  # hand the training activations' memory back before what comes next
     model.eval()
