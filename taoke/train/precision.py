@@ -152,8 +152,8 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """What evaluation and prediction run in: torch.bfloat16 under autocast, or None for fp32. No timing here:
     "auto" is bf16 on a GPU that supports it and fp32 on a CPU, so a run's recorded test metrics, `taoke eval` and
     `taoke predict` give the same numbers however busy the machine is. (A timing probe reads the load: under
-    load it measured bf16 at 0.60x fp32 on an AMX CPU where bf16 runs ~3x faster, and a run's recorded accuracy
-    and its `taoke eval` then ran in different precisions.)"""
+    load it measured bf16 at 0.60x fp32 on an AMX CPU where bf16 runs ~3x faster, so a run's recorded accuracy
+    and its `taoke eval` could run in different precisions and disagree.)"""
     if precision == "fp32":
         return None
     if precision == "bf16":
