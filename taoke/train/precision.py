@@ -154,11 +154,9 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     `taoke predict` give the same numbers however busy the machine is. (A timing probe reads the load: under
     load it measured bf16 at 0.60x fp32 on an AMX CPU where bf16 runs ~3x faster, so a run's recorded accuracy
     and its `taoke eval` could run in different precisions and disagree.)"""
-    if precision == "fp32":
+    if precision == "auto" and device.type == "cpu":
         return None
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return choose_precision(precision, device).dtype   # no model given: nothing is timed
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
