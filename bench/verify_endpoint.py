@@ -8,8 +8,8 @@ Zoo (every model real or trained here; nothing random):
   under another name (a plain re-hosted shell), its residual stream rotated (same function, weights that the
   plain fingerprint cannot match), fully fine-tuned 200 steps on the shipped dialogs (lr 1e-4, batch 4 x 32
   tokens), and 40 steps on the instructions (lr 3e-4, batch 8 x 64 tokens).
-- Five small LLaMA/Qwen2 models trained from scratch here on the shipped dialogs / instructions / Chinese poems
-  (the calibration study's recipe), and two of them fine-tuned on other text.
+- Six small LLaMA/Qwen2 models trained from scratch here, two on each of the shipped dialogs / instructions /
+  Chinese poems (the calibration study's recipe), and two of them fine-tuned on other text.
 Every endpoint is served by `taoke serve` on 127.0.0.1 (two also by `transformers serve`) and asked the built-in
 64 probe prompts greedily; each (endpoint, REF) pair is judged against a panel of the other base models, minus the
 endpoint's own origin (a user never has the true parent in the panel: if they had, they would not ask). Truth: the
@@ -42,10 +42,12 @@ from bench import verify_models as suite  # noqa: E402
 from bench.serve_load import Server, free_port  # noqa: E402
 
 # (arch, hidden, layers, seed, data, tokenizer) of the from-scratch bases: all with SmolLM2's tokenizer, so that
-# each can answer the chat prompts through SmolLM2's chat template
+# each can answer the chat prompts through SmolLM2's chat template. Two independent models per data set (the sixth,
+# a second poems model, added 2026-12-06): a panel then holds a model trained on REF's text, as README tells users
+# to choose controls, except where the endpoint's origin is that model (the panel leaves it out).
 SCRATCH = [("llama", 256, 4, 31, "dialogs", "smollm"), ("qwen2", 256, 4, 32, "alpaca", "smollm"),
            ("llama", 192, 3, 33, "poems", "smollm"), ("qwen2", 192, 4, 34, "dialogs", "smollm"),
-           ("llama", 256, 2, 35, "alpaca", "smollm")]
+           ("llama", 256, 2, 35, "alpaca", "smollm"), ("qwen2", 256, 3, 36, "poems", "smollm")]
 THRESHOLDS = (0.05, 0.01, 1e-3)
 
 
@@ -198,6 +200,9 @@ def main() -> None:
         + f" (`independent` needs p > {INDEPENDENT_P:g}).",
         f"- Largest p among derived pairs: {max(r['p'] for r in pos):.3g}; p is a sign-flip count (floor 1e-4), "
         "Holm-adjusted over the panel.",
+        f"- Distinct answers of each base model to the {args.n_prompts} prompts (a model that says the same to every "
+        "prompt carries little evidence either way): "
+        + ", ".join(f"{name} {len(set(a))}" for name, a in base_answers.items()) + ".",
         f"- Whole run {time.perf_counter() - t_all:.0f} s (building the zoo included, cached on re-runs).",
         "",
         "| server | endpoint | REF | truth | verdict | p | similarity to REF | best control |",
