@@ -96,15 +96,16 @@ def _with_template(d: Path, template: str) -> None:
         tok.save_pretrained(d)
 
 
-def local(name: str, d: Path, prompts, args, cache: Path) -> list[str]:
+def local(name: str, d: Path, prompts, max_tokens: int, cache: Path) -> list[str]:
+    """Greedy answers of a base model to the prompts, kept in `cache` (also read by verify_endpoint_logprobs)."""
     from taoke.provenance.endpoint import answers_of
 
-    key = hashlib.sha256(f"{d}|{args.n_prompts}|{args.max_tokens}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{d}|{len(prompts)}|{max_tokens}".encode()).hexdigest()[:16]
     f = cache / f"{key}.json"
     if f.exists():
         return json.loads(f.read_text())
     t0 = time.perf_counter()
-    answers, _ = answers_of(str(d), prompts, max_tokens=args.max_tokens)
+    answers, _ = answers_of(str(d), prompts, max_tokens=max_tokens)
     f.write_text(json.dumps(answers))
     print(f"local answers of {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return answers
@@ -151,7 +152,7 @@ def main() -> None:
     prompts = load_prompts(n=args.n_prompts)
     cache = args.work / "answers"
     cache.mkdir(exist_ok=True)
-    base_answers = {name: local(name, d, prompts, args, cache) for name, d in roots.items()}
+    base_answers = {name: local(name, d, prompts, args.max_tokens, cache) for name, d in roots.items()}
     tok = {name: AutoTokenizer.from_pretrained(d) for name, d in roots.items()}
     servers = [("taoke", name) for name in endpoints]
     if not args.no_hf:   # one derived and one unrelated endpoint behind transformers' own server too

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from results import record  # noqa: E402
 
-from bench.verify_endpoint import build_zoo  # noqa: E402
+from bench.verify_endpoint import build_zoo, local  # noqa: E402
 
 TOP_K, MAX_TOKENS, FIRST = 20, 32, 4
 KINDS = ("greedy", "argmax", "overlap", "tv", "spearman")
@@ -150,9 +150,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from taoke.lm.load import load_causal_lm
-    from taoke.provenance.endpoint import (DERIVED_P, answer_similarity, holm, load_prompts, local_answers,
-                                           sign_flip_p)
+    from taoke.provenance.endpoint import DERIVED_P, answer_similarity, holm, load_prompts, sign_flip_p
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -162,19 +160,16 @@ def main() -> None:
     cache.mkdir(exist_ok=True)
     answers = {name: endpoint_tokens(d, prompts, cache) for name, (d, _) in endpoints.items()}
     views = {name: model_view(d, prompts, answers, cache) for name, d in roots.items()}
-    greedy = {}
-    for name, d in roots.items():
-        model, tok = load_causal_lm(str(d))
-        ids = [tok.encode(a, add_special_tokens=False) for a in local_answers(model, tok, prompts,
-                                                                                max_tokens=MAX_TOKENS)]
-        greedy[name] = ids
     tok = AutoTokenizer.from_pretrained(next(iter(roots.values())))   # the zoo shares SmolLM2's tokenizer
+    (args.work / "answers").mkdir(exist_ok=True)   # verify_endpoint.py's cache of the bases' greedy answers
+    greedy = {name: [tok.encode(a, add_special_tokens=False)
+                     for a in local(name, d, prompts, MAX_TOKENS, args.work / "answers")] for name, d in roots.items()}
+    said = {name: [tok.encode(tok.decode(a, skip_special_tokens=True).strip(), add_special_tokens=False)
+                   for a, _, _ in gens] for name, gens in answers.items()}   # the endpoints' answers, as judge reads
 
     def sims(kind, first, ename, root):
         if kind == "greedy":
-            e = [tok.encode(tok.decode(a, skip_special_tokens=True).strip(), add_special_tokens=False)
-                 for a, _, _ in answers[ename]]
-            return np.array([answer_similarity(x, y, MAX_TOKENS) for x, y in zip(e, greedy[root])])
+            return np.array([answer_similarity(x, y, MAX_TOKENS) for x, y in zip(said[ename], greedy[root])])
         return prompt_similarities(kind, answers[ename], views[root][ename], first)
 
     lines = ["| similarity | positions | precision | recall | derived calls on unrelated pairs | largest p, derived |",
