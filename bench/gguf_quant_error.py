@@ -9,7 +9,8 @@ run's held-out examples, assistant tokens scored (taoke.ship.language.held_out).
 taoke's GGUF writer into a temporary folder; llama.cpp runs with one thread. The localisation rows round-trip
 every 2-D weight through gguf-py's own quantize/dequantize at the type the writer gives it, except the named
 group, and score in PyTorch: when the "all" row matches llama.cpp's, the runtime is faithful and the loss is the
-format's. --gptq adds a Q4_0 file whose codes GPTQ chose (`taoke export --quant Q4_0 --gptq`), scored the same way.
+format's. --gptq adds the Q4_0 file `taoke export --quant Q4_0 --gptq` writes (GPTQ's codes, norm gains tuned to
+them), and the same codes with the run's own gains ("codes only"), scored the same way.
 Deterministic (no timing): one run. Appends to bench/RESULTS.md.
 """
 
@@ -105,18 +106,26 @@ def main() -> None:
     rows, versions = [], {}
     quants = [q.strip().upper() for q in args.quants.split(",") if q.strip()]
     if args.gptq:
-        quants.append("Q4_0 GPTQ")
+        quants += ["Q4_0 GPTQ codes only", "Q4_0 GPTQ"]
+    calibrated = None
     with tempfile.TemporaryDirectory() as tmp:
         for label in quants:
             quant = label.split()[0]
-            blocks = None
-            if label.endswith("GPTQ"):   # the export's own path: `taoke export --quant Q4_0 --gptq`
-                blocks, how = gptq_calibration(parent, model, tok, GPTQ_EXAMPLES)
+            blocks = gains = None
+            if "GPTQ" in label:   # the export's own path: `taoke export --quant Q4_0 --gptq`, once for both rows
+                calibrated = calibrated or gptq_calibration(parent, model, tok, GPTQ_EXAMPLES)
+                blocks, gains, how = calibrated
+                if label.endswith("codes only"):
+                    gains = None
                 gptq_note = (f"Q4_0 GPTQ: codes chosen by GPTQ with scale search on {how['calibration']['examples']} "
-                             f"training examples ({how['seconds']:.0f} s), as `taoke export --quant Q4_0 --gptq`.")
+                             f"training examples ({how['seconds'] - how['norm_tweak']['seconds']:.0f} s), then the "
+                             f"{how['norm_tweak']['tensors']} norm gains tuned to them ({how['norm_tweak']['epochs']} "
+                             f"epochs, {how['norm_tweak']['seconds']:.0f} s), as `taoke export --quant Q4_0 --gptq`; "
+                             "'codes only' writes the same codes with the run's own gains.")
             path = Path(tmp) / f"model-{quant}.gguf"
             stored = "yes" if same_grid_note(parent.lineage.get("base"), quant) else "no"
-            counts = write_gguf(model, tok, parent.model_dir, path, quant, name=parent.name, q4_0_blocks=blocks)
+            counts = write_gguf(model, tok, parent.model_dir, path, quant, name=parent.name, q4_0_blocks=blocks,
+                                replaced=gains)
             ans = run_llamacpp(path, nll=[{"ids": r["input_ids"], "positions": r["positions"]} for r in held.rows])
             versions = ans["versions"]
             llama = perplexity([x for row in ans["nll"] for x in row])
@@ -128,7 +137,7 @@ def main() -> None:
             rows.append(f"| {label} | {size:.1f} | {types} | {stored} | {gap(llama)} | {kept(llama)} | {gap(reader)} |")
             print(rows[-1], flush=True)
             path.unlink()
-    low = [q for q in quants if not q.endswith("GPTQ")][-1]
+    low = [q for q in quants if "GPTQ" not in q][-1]
     local = []
     with torch.no_grad():
         for label, keep in [("none (all at the type)", ())] + [(g, k) for g, k in GROUPS.items()] + \
@@ -150,7 +159,7 @@ def main() -> None:
         f"{low} with one group of projections kept at Q8_0 (gguf-py quantize/dequantize, scored in PyTorch):\n",
         "| kept at Q8_0 | perplexity (vs taoke) | gain kept |", "|---|---:|---:|", *local, "",
         f"Re-run: `.venv/bin/python bench/gguf_quant_error.py --run {run} --quants "
-        f"{','.join(q for q in quants if not q.endswith('GPTQ'))}{' --gptq' if args.gptq else ''}`", ""])
+        f"{','.join(q for q in quants if 'GPTQ' not in q)}{' --gptq' if args.gptq else ''}`", ""])
     print(text)
     if not args.no_record:
         record(text)

@@ -22,8 +22,9 @@ def register(app: typer.Typer) -> None:
                    no_check: bool = typer.Option(False, "--no-check", help="skip the check against the run's "
                                                  "model in the target runtime (recorded as unchecked)"),
                    gptq: bool = typer.Option(False, "--gptq", help="gguf Q4_0: choose the 4-bit codes by GPTQ on "
-                                             "64 of the run's training examples (slower; closer to the trained "
-                                             "model) instead of rounding each weight to nearest"),
+                                             "64 of the run's training examples, then tune the norm gains to "
+                                             "them (minutes; closer to the trained model) instead of rounding "
+                                             "each weight to nearest"),
                    as_json: bool = typer.Option(False, "--json", help="print the export's lineage record")) -> None:
         """Export a derived model (GGUF / ONNX / HF), check it in its runtime, record it as a derivation."""
         from taoke.ship import export   # here, not at the top: the other commands need not load the exporters

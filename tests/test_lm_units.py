@@ -274,6 +274,50 @@ def test_packed_dpo_pairs_give_each_sequence_the_log_prob_it_has_alone(tok):
     assert torch.allclose(got, torch.tensor(alone), atol=1e-3, rtol=1e-4), (got, alone)
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_dpo_reference_has_the_policys_numerics(tok, packing):
+    """LoRA starts with B = 0, so the policy is the reference and DPO's first loss is log 2 and its margin 0
+    (Rafailov et al. 2023), in bf16 as in fp32: the reference log-probs must be computed in the precision the
+    policy trains in. An fp32 reference against a bf16 policy starts every pair with a random margin."""
+    from taoke.lm.dpo import encode_pairs, train_dpo
+    from tests.lm_helpers import configs
+
+    pairs = encode_pairs(tok, read_dpo_pairs("data/chatterbot-lm/dpo_pairs.jsonl")[:8], 256)
+    for precision in ("fp32", "bf16"):
+        train_cfg, lm_cfg, adapt_cfg = configs(method="lora", r=4, target_modules="all-linear", precision=precision,
+                                               max_steps=1, batch_size=4, lr=1e-4, seq_len=256, packing=packing,
+                                               checkpoint_every=None)
+        model, _ = adapted(tiny_llama(), **adapt_cfg.model_dump())
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        first = train_dpo(model, tok, pairs, train_cfg, lm_cfg).steps[0]
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6), (precision, first)
+        assert first["margin"] == pytest.approx(0.0, abs=1e-5), (precision, first)
+        # frozen weights, held in bf16 while training ran in bf16, are their exact fp32 selves again
+        assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_dpo_resumed_from_a_checkpoint_ends_where_the_uninterrupted_run_ends(tok, tmp_path):
+    """A bf16 LoRA DPO run resumed from its step-2 checkpoint reaches the uninterrupted run's adapter bit for bit."""
+    from taoke.lm.dpo import encode_pairs, train_dpo
+    from tests.lm_helpers import configs
+
+    pairs = encode_pairs(tok, read_dpo_pairs("data/chatterbot-lm/dpo_pairs.jsonl")[:16], 256)
+    train_cfg, lm_cfg, adapt_cfg = configs(method="lora", r=4, target_modules="all-linear", precision="bf16",
+                                           max_steps=4, batch_size=4, lr=1e-3, seq_len=256, checkpoint_every=2)
+
+    def adapter(resume: bool) -> tuple[dict, list[int]]:
+        model, _ = adapted(tiny_llama(), **adapt_cfg.model_dump())
+        ran = []
+        train_dpo(model, tok, pairs, train_cfg, lm_cfg, checkpoint_dir=tmp_path, resume=resume,
+                  on_step=lambda row: ran.append(row["step"]))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, ran
+
+    whole, ran = adapter(resume=False)        # leaves its step-2 checkpoint behind
+    resumed, ran_again = adapter(resume=True)  # a fresh model picks up at step 3
+    assert ran == [1, 2, 3, 4] and ran_again == [3, 4]
+    assert sorted(whole) == sorted(resumed) and all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
 def test_dpo_visits_every_group_once_per_epoch_in_a_new_order():
     from taoke.lm.dpo import group_order
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from taoke.lm.data import encode_dpo
 from taoke.lm.fast_lora import FastLoraForward
+from taoke.lm.frozen import FrozenInLowPrecision
 from taoke.lm.loss import body_and_head, shifted_targets, token_logprobs
 from taoke.lm.pack import concat_row, first_fit, padded_batch
 from taoke.lm.train import LMHistory, model_device
@@ -82,10 +83,19 @@ def dpo_loss(pc, pr, rc, rr, beta: float):
     return -F.logsigmoid(logits).mean(), float((d > 0).float().mean()), float(d.mean() / beta)
 
 
-def _reference(model, batch):
+def _reference_logprobs(model, batch):
+    """The reference's log-probs in the ambient precision: the model itself with its adapters disabled."""
     ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with torch.no_grad(), ctx:
         return sequence_logprobs(model, batch)
+
+
+def _reference(model, batch, dtype=None):
+    """The reference's log-probs in the precision the policy trains in (`dtype` under autocast, None: fp32): with
+    the same numerics the policy starts equal to its reference (loss log 2, margin 0), with fp32 against a bf16
+    policy every pair would start at a random margin of rounding error."""
+    with autocast(model_device(model), dtype):
+        return _reference_logprobs(model, batch)
 
 
 def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm: LMConfig, *,
@@ -118,14 +128,18 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
             probe = {k: v[:1] for k, v in pair_batch(groups[0], pad_id, device, pack_len).items()}
         else:
             probe = pair_batch(groups[0][:1], pad_id, device)
-        with FastLoraForward(model):   # the policy's step as it will run
-            choice = choose_for_training(train.precision, device, model,
-                                         lambda: sequence_logprobs(model, probe).sum())
+
+        def step_loss():   # the step as it runs: the policy's forward and backward and, with adapters, the
+            loss = sequence_logprobs(model, probe).sum()   # reference's forward in the same precision
+            return loss + _reference_logprobs(model, probe).sum() if peft else loss
+
+        with FastLoraForward(model):
+            choice = choose_for_training(train.precision, device, model, step_loss)
     dtype = choice.dtype
     ref_cache = None
     if not peft:  # full/freeze: reference log-probs now, before any update (no second model in memory)
         model.eval()
-        ref_cache = [_reference(model, pair_batch(g, pad_id, device, pack_len)) for g in groups]
+        ref_cache = [_reference(model, pair_batch(g, pad_id, device, pack_len), dtype) for g in groups]
     n_steps = total_steps(train, math.ceil(len(groups) / train.grad_accum))
     params = trainable(model)
     opt = make_optimizer(model, train)
@@ -138,7 +152,10 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
         restore_trainable(model, state)
         gi, first, hist.steps, hist.tokens = loop["pairs_batch"], loop["step"] + 1, loop["steps"], loop["tokens"]
         start -= loop["seconds"]
-    with FastLoraForward(model) as fused:  # the reference pass (adapters disabled, no autocast) keeps PEFT's forward
+    # frozen weights held in bf16 while training runs in bf16, as train_lm holds them (same numerics for policy and
+    # reference, no per-forward casts); not for DoRA, whose magnitude reads the base weight's fp32 column norms
+    is_dora = any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values())
+    with FrozenInLowPrecision(model, dtype if not is_dora else None), FastLoraForward(model) as fused:
         hist.fused_lora_layers = len(fused.swapped)
         for step in range(first, n_steps + 1):
             losses, accs, margins = [], [], []
@@ -147,12 +164,12 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
                 gi += 1
                 batch = pair_batch(groups[k], pad_id, device, pack_len)
                 half = len(groups[k])
-                ref = ref_cache[k] if ref_cache is not None else _reference(model, batch)
+                ref = ref_cache[k] if ref_cache is not None else _reference(model, batch, dtype)
                 with autocast(device, dtype):
                     pol = sequence_logprobs(model, batch)
                 loss, acc, margin = dpo_loss(pol[:half], pol[half:], ref[:half], ref[half:], lm.beta)
                 (loss / train.grad_accum).backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 accs.append(acc)
                 margins.append(margin)
                 hist.tokens += int((batch["segment"] >= 0).sum())   # real tokens, packed or padded

@@ -224,11 +224,24 @@ def _figures(lineage: dict, rows: list[tuple[str, dict]], metrics: list[str]) ->
     return out
 
 
+def _quantization_lines(q: dict | None) -> list[str]:
+    """How the 4-bit codes were chosen (--gptq), for the report."""
+    if not q:
+        return []
+    cal = q["calibration"]
+    line = f"- codes: {q['method'].upper()} on {cal['examples']} examples of the {cal['split']} split"
+    if q.get("norm_tweak"):
+        nt = q["norm_tweak"]
+        line += f"; {nt['tensors']} norm gains then tuned to them ({nt['epochs']} epochs)"
+    return [line + f", {q['seconds']} s"]
+
+
 def export_report(lineage: dict, rows: list[tuple[str, dict]], metrics: list[str]) -> str:
     exp = lineage["export"]
     lines = [f"# {lineage['name']}", "", f"- parent run: {lineage['base']['run']['dir']}",
              f"- format: {exp['format']}, quant: {exp['quant'] or 'none'}, relation: {lineage['relation']}",
              f"- file: {exp['file']}" + (f" (tensor types: {exp['tensor_types']})" if exp.get("tensor_types") else ""),
+             *_quantization_lines(exp.get("quantization")),
              "- tools: " + ", ".join(f"{k} {v}" for k, v in exp["tools"].items() if v), "",
              *_figures(lineage, rows, metrics), ""]
     p = exp.get("parity") or {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 
 from taoke.errors import FormatError, ModelError
 from taoke.formats.gguf_io import GGUFWeightReader
@@ -166,10 +166,12 @@ def _rope_theta(config) -> float:
 
 def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *, name: str,
                license: str | None = None, base: dict | None = None, on_tensor=None,
-               q4_0_blocks: dict[str, np.ndarray] | None = None) -> dict:
+               q4_0_blocks: dict[str, np.ndarray] | None = None,
+               replaced: dict[str, torch.Tensor] | None = None) -> dict:
     """Write `model` (a plain transformers LLaMA-family model) to `path`; returns {tensor type: count}.
     `q4_0_blocks` (HF tensor name -> Q4_0 bytes, rows in HF order) are written as given where the tensor's type is
-    Q4_0, instead of gguf-py's rounding (GPTQ's codes: ship/gptq.py)."""
+    Q4_0, instead of gguf-py's rounding (GPTQ's codes: ship/gptq.py); `replaced` (HF name -> tensor) are written
+    instead of the model's own (norm gains tuned to those codes: ship/norm_tweak.py)."""
     config = model.config
     check_config(config)
     tokenizer_json = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
@@ -229,7 +231,7 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *,
         new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
             raise ModelError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'.")
-        t = t.detach().to("cpu", torch.float32)
+        t = (replaced or {}).get(hf_name, t).detach().to("cpu", torch.float32)
         qtype = tensor_type(new, tuple(t.shape), quant)
         given = (q4_0_blocks or {}).get(hf_name) if qtype == Q.Q4_0 else None
         if given is not None:
@@ -248,6 +250,22 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, quant: str, *,
     w.write_tensors_to_file(progress=False)
     w.close()
     return counts
+
+
+def stored_weights(model, quant: str, q4_0_blocks: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """Every 2-D weight of `model` as llama.cpp will multiply with it once write_gguf has stored it at `quant`
+    (gguf-py's quantize then dequantize, or the given Q4_0 blocks), by HF name; F32 tensors are left out."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    out = {}
+    for hf_name, t in model.state_dict().items():
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        qtype = tensor_type(new or hf_name, tuple(t.shape), quant)
+        if qtype == Q.F32:
+            continue
+        given = (q4_0_blocks or {}).get(hf_name) if qtype == Q.Q4_0 else None
+        data = given if given is not None else quantize(t.detach().to("cpu", torch.float32).numpy(), qtype)
+        out[hf_name] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype))).reshape(t.shape)
+    return out
 
 
 def gguf_tensor_count(model) -> int:

@@ -31,9 +31,10 @@ from taoke.lm.merge import ParityError, parity_check, save_merged
 from taoke.models.parts import count_parameters
 from taoke.recipe import Recipe, load_recipe
 from taoke.run import Run, base_chain
-from taoke.ship.gguf import check_config, same_grid_note, write_gguf
+from taoke.ship.gguf import check_config, same_grid_note, stored_weights, write_gguf
 from taoke.ship.gptq import DAMP, SCALE_SEARCH, gptq_blocks
 from taoke.ship.llamacpp import run_llamacpp
+from taoke.ship.norm_tweak import EPOCHS as NORM_EPOCHS, LR as NORM_LR, tweak_norms
 from taoke.ship.ollama import modelfile
 
 console = Console(stderr=True)
@@ -265,9 +266,10 @@ def transformers_gguf_check(gguf: Path, held: HeldOut, ref_lp: list[float]) -> d
             "perplexity_gap": abs(ppl - ppl_ref) / ppl_ref, "tokens": len(lp)}
 
 
-def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict]:
-    """GPTQ's Q4_0 blocks for the run's model, measured on `examples` of its training split (never the held-out
-    rows the check scores), and what lineage records of how they were chosen."""
+def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict, dict]:
+    """GPTQ's Q4_0 blocks for the run's model and the norm gains tuned to them (norm_tweak.py), both measured on
+    `examples` of its training split (never the held-out rows the check scores); returns (blocks, gains, what
+    lineage records of how they were chosen)."""
     check_data_files(parent, "the training split GPTQ calibrates on cannot be rebuilt. Restore it, or export "
                              "without --gptq.")
     recipe: Recipe = load_recipe(parent.recipe_path)
@@ -277,18 +279,22 @@ def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict
     with Progress(console=console, transient=True) as bar:
         measuring = bar.add_task("GPTQ: measuring inputs on training examples", total=len(sample))
         rounding = bar.add_task("GPTQ: choosing Q4_0 codes", total=None)
-
-        def batches():
-            for batch in calibration_batches(recipe, tok, sample):
-                yield batch
-                bar.advance(measuring)
-
-        blocks = gptq_blocks(model, batches(), search=SCALE_SEARCH,
+        tweaking = bar.add_task("tuning norm gains to the quantised weights", total=None)
+        batches = []
+        for batch in calibration_batches(recipe, tok, sample):
+            batches.append(batch)
+            bar.advance(measuring)
+        blocks = gptq_blocks(model, batches, search=SCALE_SEARCH,
                              progress=lambda done, total: bar.update(rounding, completed=done, total=total))
-    return blocks, {"method": "gptq", "variant": "one-shot", "damp": DAMP, "scale_search": SCALE_SEARCH,
-                    "tensors": len(blocks),
-                    "calibration": {"split": "train", "examples": len(sample), "seed": recipe.train.seed},
-                    "seconds": round(time.perf_counter() - start, 1)}
+        gptq_seconds = time.perf_counter() - start
+        gains = tweak_norms(model, stored_weights(model, "Q4_0", blocks), batches, seed=recipe.train.seed,
+                            progress=lambda done, total: bar.update(tweaking, completed=done, total=total))
+    return blocks, gains, {
+        "method": "gptq", "variant": "one-shot", "damp": DAMP, "scale_search": SCALE_SEARCH, "tensors": len(blocks),
+        "calibration": {"split": "train", "examples": len(sample), "seed": recipe.train.seed},
+        "norm_tweak": {"tensors": len(gains), "epochs": NORM_EPOCHS, "lr": NORM_LR,
+                       "seconds": round(time.perf_counter() - start - gptq_seconds, 1)},
+        "seconds": round(time.perf_counter() - start, 1)}
 
 
 def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, check: bool,
@@ -304,13 +310,13 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
     model_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
         fname = f"{name}-{quant}.gguf"
-        blocks = None
+        blocks = gains = None
         if gptq:
-            blocks, result["quantization"] = gptq_calibration(parent, model, tok, gptq)
+            blocks, gains, result["quantization"] = gptq_calibration(parent, model, tok, gptq)
         console.print(f"writing {fname} ({quant})")
         result["tensor_types"] = write_gguf(model, tok, parent.model_dir, model_dir / fname, quant, name=name,
                                             license=lin.get("license"), base=lin.get("root_base"),
-                                            q4_0_blocks=blocks)
+                                            q4_0_blocks=blocks, replaced=gains)
         write_text_atomic(model_dir / "Modelfile", modelfile(fname, tok, min(model.config.max_position_embeddings,
                                                                              4096)))
         write_json_atomic(model_dir / "taoke.json", {
