@@ -24,7 +24,6 @@ from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,26 +37,19 @@ GROUPS = {"attn_q + attn_k": ("attn_q.", "attn_k."), "attn_v": ("attn_v.",), "at
 
 
 def fake_quantised(model, quant: str, keep: tuple[str, ...] = ()):
-    """A copy of `model` whose weights went through gguf-py's quantize/dequantize at the types the GGUF writer
-    picks for `quant`; tensors whose GGUF name contains a `keep` fragment go through Q8_0 instead."""
+    """A copy of `model` with the weights llama.cpp multiplies with once taoke's GGUF writer has stored it at `quant`
+    (taoke.ship.gguf.stored_weights); tensors whose GGUF name contains a `keep` fragment are stored at Q8_0 instead."""
     import gguf
-    from gguf.quants import dequantize, quantize
 
-    from taoke.ship.gguf import tensor_type
+    from taoke.ship.gguf import stored_weights
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    weights = stored_weights(model, quant)
+    kept = {n for n in weights if any(k in names.get_name(n, try_suffixes=(".weight", ".bias")) for k in keep)}
+    if kept:
+        weights.update({n: w for n, w in stored_weights(model, "Q8_0").items() if n in kept})
     out = copy.deepcopy(model)
-    with torch.no_grad():
-        for hf_name, p in out.named_parameters():
-            new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            qtype = tensor_type(new, tuple(p.shape), quant)
-            if qtype == gguf.GGMLQuantizationType.F32:
-                continue
-            if any(k in new for k in keep):
-                qtype = gguf.GGMLQuantizationType.Q8_0
-            w = p.detach().float().numpy()
-            p.copy_(torch.from_numpy(np.asarray(dequantize(quantize(w, qtype), qtype), dtype=np.float32)
-                                     .reshape(w.shape)))
+    out.load_state_dict(weights, strict=False)
     return out
 
 

@@ -392,6 +392,16 @@ def test_frozen_weights_held_in_bf16_then_restored_exactly(tok):
     assert unwrap(model).get_output_embeddings().weight is unwrap(model).get_input_embeddings().weight  # re-tied
 
 
+def test_dora_keeps_its_frozen_weights_in_fp32():
+    """DoRA's magnitude reads the base weight's fp32 column norms: the context leaves a DoRA model as it is."""
+    from taoke.lm.frozen import FrozenInLowPrecision
+
+    model, _ = adapted(tiny_llama(), method="dora", r=4, dropout=0.0)
+    with FrozenInLowPrecision(model, torch.bfloat16) as held:
+        assert not held.modules and held.file is None
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_rouge_l_scores_cjk_text_and_bits_per_byte_ignore_tokenization(tok):
     from taoke.derive.language import bits_per_byte as _bits_per_byte
     from taoke.evaluate.text_metrics import TEXT_METRICS as METRICS

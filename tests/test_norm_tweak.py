@@ -3,6 +3,7 @@ with gguf-py's own reader), the tuned gains bring the quantised model's outputs 
 it did not tune on, and nothing but the gains changes."""
 
 import copy
+import json
 
 import gguf
 import numpy as np
@@ -15,9 +16,7 @@ from taoke.ship.norm_tweak import norm_gains, tweak_norms
 from tests.lm_helpers import smollm_tokenizer, tiny_llama
 
 
-
 def alpaca_texts(start: int, n: int) -> list[str]:
-    import json
     rows = json.load(open("data/chatterbot-lm/alpaca.json", encoding="utf-8"))[start:start + n]
     return [f"{r['instruction']}\n{r['output']}" for r in rows]
 

@@ -153,9 +153,8 @@ def train_dpo(model, tokenizer, train_pairs: list[dict], train: TrainConfig, lm:
         gi, first, hist.steps, hist.tokens = loop["pairs_batch"], loop["step"] + 1, loop["steps"], loop["tokens"]
         start -= loop["seconds"]
     # frozen weights held in bf16 while training runs in bf16, as train_lm holds them (same numerics for policy and
-    # reference, no per-forward casts); not for DoRA, whose magnitude reads the base weight's fp32 column norms
-    is_dora = any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values())
-    with FrozenInLowPrecision(model, dtype if not is_dora else None), FastLoraForward(model) as fused:
+    # reference, no per-forward casts)
+    with FrozenInLowPrecision(model, dtype), FastLoraForward(model) as fused:
         hist.fused_lora_layers = len(fused.swapped)
         for step in range(first, n_steps + 1):
             losses, accs, margins = [], [], []

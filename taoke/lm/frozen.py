@@ -28,8 +28,13 @@ def _frozen_linears(model: nn.Module) -> tuple[dict[str, nn.Linear], list[nn.Lin
     return {n: m for n, m in frozen.items() if id(m.weight) not in embedding_weights}, tied
 
 
+def _uses_dora(model: nn.Module) -> bool:
+    return any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values())
+
+
 class FrozenInLowPrecision:
-    """Context manager: frozen Linear weights in `dtype` inside, their exact fp32 values again after."""
+    """Context manager: frozen Linear weights in `dtype` inside, their exact fp32 values again after. DoRA models
+    keep theirs in fp32: DoRA's magnitude term reads the base weight's fp32 column norms."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None):
         self.model, self.dtype = model, dtype
@@ -38,7 +43,7 @@ class FrozenInLowPrecision:
         self.tied: dict[nn.Linear, nn.Parameter] = {}  # head -> the embedding's (shared) fp32 weight
 
     def __enter__(self) -> "FrozenInLowPrecision":
-        if self.dtype is None:
+        if self.dtype is None or _uses_dora(self.model):
             return self
         self.modules, tied = _frozen_linears(self.model)
         # a tied head is also the fp32 embedding lookup: the head gets its own low-precision copy for the

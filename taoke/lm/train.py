@@ -138,11 +138,10 @@ def train_lm(model, tokenizer, train_rows: list[dict], train: TrainConfig, lm: L
         finally:
             model.zero_grad(set_to_none=True)
 
-    # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying);
-    # not for DoRA, whose magnitude term reads the base weight's fp32 column norms. Compiled layers get
-    # PEFT's own LoRA forward: inductor fuses its casts and sums itself.
-    is_dora = any(getattr(c, "use_dora", False) for c in getattr(model, "peft_config", {}).values())
-    with FrozenInLowPrecision(model, dtype if not is_dora else None), \
+    # frozen base weights live in bf16 while training runs in bf16 (same numerics, less memory and copying; DoRA
+    # keeps fp32, see FrozenInLowPrecision). Compiled layers get PEFT's own LoRA forward: inductor fuses its casts
+    # and sums itself.
+    with FrozenInLowPrecision(model, dtype), \
             CompiledDecoder(find_stack(model).blocks, compile_layers, probe) as compiled, \
             FastLoraForward(model, enabled=not compiled.active) as fused:
         hist.compiled = compiled.active
