@@ -3,8 +3,9 @@
 - lora (default): LoRA SFT, taoke's train_lm vs HF Trainer + PEFT (and TRL SFTTrainer when installed);
 - full: full fine-tuning SFT, the same peers without adapters;
 - dpo: DPO with LoRA, taoke's train_dpo vs TRL DPOTrainer (peers taoke,trl,trl-bf16) on
-  data/chatterbot-lm/dpo_pairs.jsonl; held-out DPO loss and preference accuracy from one evaluator
-  (taoke.lm.dpo.evaluate_dpo) for every peer.
+  data/chatterbot-lm/dpo_pairs.jsonl (short) or, with --data poems, pairs built from the poems (long: chosen is the
+  poem written for the request, rejected the poem of another request); held-out DPO loss and preference accuracy
+  from one evaluator (taoke.lm.dpo.evaluate_dpo) for every peer.
 
 Same model, data (every 10th example held out), assistant-only labels, LoRA config, sequence length, batch
 size (rows per step), steps, lr and schedule. Two data shapes: `--data chatterbot` (short dialog turns,
@@ -123,10 +124,21 @@ def recipe_blocks(peer, args):
     return train_cfg, lm_cfg, adapt_cfg
 
 
-def dpo_split() -> tuple[list[dict], list[dict]]:
+def poem_pairs() -> list[dict]:
+    """DPO pairs of the long shape, from data/poems-zh: the request; chosen, the poem written for it; rejected, the
+    poem of the request half the file away (a real poem, on another title, often in another form)."""
+    from taoke.lm.data import read_conversations
+
+    convs = read_conversations(DATA["poems"])
+    half = len(convs) // 2
+    return [{"prompt": c[:-1], "chosen": c[-1]["content"], "rejected": convs[(i + half) % len(convs)][-1]["content"]}
+            for i, c in enumerate(convs)]
+
+
+def dpo_split(data: str) -> tuple[list[dict], list[dict]]:
     from taoke.lm.data import read_dpo_pairs
 
-    pairs = read_dpo_pairs(DPO_DATA)
+    pairs = poem_pairs() if data == "poems" else read_dpo_pairs(DPO_DATA)
     return [p for i, p in enumerate(pairs) if i % 10], [p for i, p in enumerate(pairs) if i % 10 == 0]
 
 
@@ -135,7 +147,7 @@ def dpo_worker(peer: str, args, model, tok) -> dict:
     from taoke.hardware import peak_rss_mb
     from taoke.lm.dpo import encode_pairs, evaluate_dpo, train_dpo
 
-    train, held = dpo_split()
+    train, held = dpo_split(args.data)
     marks = []
     if peer.startswith("taoke"):
         train_cfg, lm_cfg, adapt_cfg = recipe_blocks(peer, args)
@@ -323,7 +335,9 @@ def main():
     ap.add_argument("--method", default="lora", choices=sorted(FLOP_PER_TOKEN),
                     help="lora: LoRA SFT; full: full fine-tuning SFT; dpo: DPO with LoRA on the chatterbot pairs "
                          "(peers taoke,trl,trl-bf16; the ratios are against trl)")
-    ap.add_argument("--data", default="chatterbot", choices=sorted(DATA), help="SFT data (lora, full)")
+    ap.add_argument("--data", default="chatterbot", choices=sorted(DATA),
+                    help="SFT data (lora, full); dpo: chatterbot = the shipped pairs, poems = pairs built from "
+                         "the poems")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, the same for every peer")
     ap.add_argument("--compile", default="false", choices=["auto", "true", "false"],
                     help="taoke's train.compile (torch.compile of the decoder layers)")
@@ -408,7 +422,9 @@ def main():
             "full": f"Full fine-tuning SFT smollm2-135m, data {args.data} ({DATA[args.data].relative_to(ROOT)})",
             "dpo": f"DPO (beta {BETA}) with LoRA smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, "
                    f"dropout={args.dropout}, all "
-                   f"linear projections), pairs {DPO_DATA.relative_to(ROOT)} (every 10th held out); batch = pairs, "
+                   f"linear projections), pairs " + (f"built from {DATA['poems'].relative_to(ROOT)} (chosen: the poem "
+                   "for the request; rejected: the poem of the request half the file away)" if args.data == "poems"
+                   else str(DPO_DATA.relative_to(ROOT))) + " (every 10th held out); batch = pairs, "
                    f"tokens = chosen + rejected"}[args.method]
     head = (f"\n## sft_vs_hf --method {args.method} — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
             f"{what}, "

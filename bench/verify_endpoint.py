@@ -158,7 +158,7 @@ def main() -> None:
     if not args.no_hf:   # one derived and one unrelated endpoint behind transformers' own server too
         servers += [("transformers", "smollm2 ft dialogs 200"),
                     ("transformers", next(n for n in endpoints if n.startswith("scratch-2")))]
-    rows = []
+    rows, asked_answers = [], {}
     for server, name in servers:
         d, origin = endpoints[name]
         proc, url, model = serve(server, d, args.work / f"serve-{server}.log")
@@ -169,22 +169,33 @@ def main() -> None:
             asked = time.perf_counter() - t0
         finally:
             proc.stop()
+        asked_answers[f"{server}|{name}"] = answers
         for ref in roots:
             panel = {c: base_answers[c] for c in roots if c not in (ref, origin)}
             res = judge(answers, base_answers[ref], panel, tok[ref], args.max_tokens)
+            plain = judge(answers, base_answers[ref], panel, tok[ref], args.max_tokens, specific=False)
             rows.append({"server": server, "endpoint": name, "ref": ref, "truth": origin == ref,
                          "verdict": res["verdict"], "p": res["p_value"], "sim_ref": res["similarity"]["reference"],
                          "sim_best_control": max(c["similarity"] for c in res["controls"]),
+                         "spec_ref": res["similarity"]["specific"],
+                         "spec_best_control": max(c["specific"] for c in res["controls"]),
+                         "plain_verdict": plain["verdict"], "plain_p": plain["p_value"],
                          "panel": len(panel), "ask_s": round(asked, 1)})
             r = rows[-1]
             print(f"{server:12s} {name:42s} REF {ref:36s} truth={r['truth']!s:5s} {r['verdict']:12s} "
-                  f"p={r['p']:.3g} sim {r['sim_ref']:.3f} vs {r['sim_best_control']:.3f}", flush=True)
+                  f"p={r['p']:.3g} specific {r['spec_ref']:.3f} vs {r['spec_best_control']:.3f}; plain "
+                  f"{r['plain_verdict']} p={r['plain_p']:.3g} sim {r['sim_ref']:.3f} vs {r['sim_best_control']:.3f}",
+                  flush=True)
     pos = [r for r in rows if r["truth"]]
     neg = [r for r in rows if not r["truth"]]
-    called = [r for r in rows if r["verdict"] == "derived"]
-    tp = sum(r["truth"] for r in called)
-    precision = tp / len(called) if called else float("nan")
-    recall = tp / len(pos)
+
+    def scores(key: str) -> tuple[int, int, float, float]:
+        called = [r for r in rows if r[key] == "derived"]
+        tp = sum(r["truth"] for r in called)
+        return tp, len(called), (tp / len(called) if called else float("nan")), tp / len(pos)
+
+    tp, n_called, precision, recall = scores("verdict")
+    ptp, pn_called, pprecision, precall = scores("plain_verdict")
     fpr = {t: sum(r["p"] <= t for r in neg) for t in THRESHOLDS}
     lines = [
         f"{len(rows)} (endpoint, REF) pairs: {len(pos)} derived, {len(neg)} unrelated; {len(servers)} served endpoints "
@@ -192,8 +203,11 @@ def main() -> None:
         f"transformers serve), {args.n_prompts} probe prompts, {args.max_tokens} tokens, greedy; panel per pair: "
         "the other base models minus the endpoint's own origin.",
         "",
-        f"- `derived` (p <= {DERIVED_P:g}): precision {precision:.3f} ({tp}/{len(called)}), recall {recall:.3f} "
-        f"({tp}/{len(pos)}).",
+        f"- `derived` (p <= {DERIVED_P:g}), prompt-specific similarity (the shipped default): precision "
+        f"{precision:.3f} ({tp}/{n_called}), recall {recall:.3f} ({tp}/{len(pos)}).",
+        f"- The same test on plain similarity (`judge(..., specific=False)`, the statistic before 2026-12-07): "
+        f"precision {pprecision:.3f} ({ptp}/{pn_called}), recall {precall:.3f} ({ptp}/{len(pos)}); unrelated pairs "
+        f"called derived {sum(r['plain_verdict'] == 'derived' for r in neg)}/{len(neg)}.",
         "- Unrelated pairs with p at or below the threshold: "
         + ", ".join(f"{t:g}: {fpr[t]}/{len(neg)}" for t in THRESHOLDS)
         + f"; verdicts on unrelated pairs: "
@@ -206,14 +220,17 @@ def main() -> None:
         + ", ".join(f"{name} {len(set(a))}" for name, a in base_answers.items()) + ".",
         f"- Whole run {time.perf_counter() - t_all:.0f} s (building the zoo included, cached on re-runs).",
         "",
-        "| server | endpoint | REF | truth | verdict | p | similarity to REF | best control |",
-        "|---|---|---|---|---|---:|---:|---:|",
+        "| server | endpoint | REF | truth | verdict | p | specific: REF | best control | plain: verdict | p | "
+        "similarity to REF | best control |",
+        "|---|---|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ] + [f"| {r['server']} | {r['endpoint']} | {r['ref']} | {'derived' if r['truth'] else 'unrelated'} | "
-         f"{r['verdict']} | {r['p']:.3g} | {r['sim_ref']:.3f} | {r['sim_best_control']:.3f} |"
+         f"{r['verdict']} | {r['p']:.3g} | {r['spec_ref']:.3f} | {r['spec_best_control']:.3f} | "
+         f"{r['plain_verdict']} | {r['plain_p']:.3g} | {r['sim_ref']:.3f} | {r['sim_best_control']:.3f} |"
          for r in sorted(rows, key=lambda r: (not r["truth"], r["p"]))]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (args.work / "endpoint_pairs.json").write_text(json.dumps(rows, indent=1))
+    (args.work / "endpoint_answers.json").write_text(json.dumps(asked_answers, ensure_ascii=False, indent=1))
     if not args.no_append:
         from bench.verify_suite import machine
 

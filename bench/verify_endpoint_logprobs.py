@@ -9,7 +9,9 @@ each endpoint model is run locally and its answer tokens and top-20 log-probs ar
 For every (endpoint, REF) pair and every candidate similarity, the shipped test decides: paired sign-flip p of
 sim(E, REF) - sim(E, c) per prompt, Holm over the panel (the other base models minus the endpoint's own origin),
 derived at p <= 0.01. Candidates, each a mean over the endpoint's answer positions of a prompt:
-- greedy: the shipped statistic (free-running greedy answers compared token by token), the baseline;
+- greedy: free-running greedy answers compared token by token, the baseline;
+- specific: the same, less the mean similarity to M's answers to the other prompts (what `verify --endpoint`
+  tests by default since 2026-12-07);
 - argmax: M's most likely token, fed the endpoint's own answer (teacher forcing), equals the endpoint's token;
 - overlap: share of the endpoint's top-20 tokens that are in M's top-20 there;
 - tv: 1 - total variation between the endpoint's top-20 distribution and M's on the same 20 tokens (renormalised);
@@ -24,7 +26,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ from results import record  # noqa: E402
 from bench.verify_endpoint import build_zoo, local  # noqa: E402
 
 TOP_K, MAX_TOKENS, FIRST = 20, 32, 4
-KINDS = ("greedy", "argmax", "overlap", "tv", "spearman")
+KINDS = ("greedy", "specific", "argmax", "overlap", "tv", "spearman")
 
 
 def chat_texts(tok, prompts):
@@ -54,9 +55,9 @@ def endpoint_tokens(d: Path, prompts, cache: Path):
     from taoke.lm.load import load_causal_lm
     from taoke.ship.serve.engine import token_logprobs
 
-    f = cache / f"{hashlib.sha256(str(d).encode()).hexdigest()[:16]}.gen.pkl"
+    f = cache / f"{hashlib.sha256(str(d).encode()).hexdigest()[:16]}.gen.json"
     if f.exists():
-        return pickle.loads(f.read_bytes())
+        return json.loads(f.read_text())   # JSON, not pickle: a cache is a file anyone could swap
     model, tok = load_causal_lm(str(d))
     eos = model.generation_config.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
@@ -74,7 +75,7 @@ def endpoint_tokens(d: Path, prompts, cache: Path):
                 answer.append(t)
                 tops.append([(tok.decode([i]), v) for i, v in top])
             out.append((answer, [tok.decode([t]) for t in answer], tops))
-    f.write_bytes(pickle.dumps(out))
+    f.write_text(json.dumps(out))
     return out
 
 
@@ -85,9 +86,9 @@ def model_view(d: Path, prompts, endpoints: dict, cache: Path):
 
     from taoke.lm.load import load_causal_lm
 
-    f = cache / f"{hashlib.sha256(str(d).encode()).hexdigest()[:16]}.view.pkl"
+    f = cache / f"{hashlib.sha256(str(d).encode()).hexdigest()[:16]}.view.json"
     if f.exists():
-        return pickle.loads(f.read_bytes())
+        return json.loads(f.read_text())   # JSON, not pickle: a cache is a file anyone could swap
     model, tok = load_causal_lm(str(d))
     ids_of: dict[str, list[int]] = {}
     for i in range(len(tok)):
@@ -110,7 +111,7 @@ def model_view(d: Path, prompts, endpoints: dict, cache: Path):
                     per.append((mine, [tok.decode([i]) for i in q.topk(TOP_K).indices.tolist()]))
                 rows.append(per)
             view[name] = rows
-    f.write_bytes(pickle.dumps(view))
+    f.write_text(json.dumps(view))
     return view
 
 
@@ -150,7 +151,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from taoke.provenance.endpoint import DERIVED_P, answer_similarity, holm, load_prompts, sign_flip_p
+    from taoke.provenance.endpoint import (DERIVED_P, answer_similarity, holm, load_prompts, prompt_specific,
+                                          sign_flip_p, similarity_matrix)
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -170,12 +172,14 @@ def main() -> None:
     def sims(kind, first, ename, root):
         if kind == "greedy":
             return np.array([answer_similarity(x, y, MAX_TOKENS) for x, y in zip(said[ename], greedy[root])])
+        if kind == "specific":   # what `verify --endpoint` tests by default: greedy, less the other prompts' baseline
+            return prompt_specific(similarity_matrix(said[ename], greedy[root], MAX_TOKENS))
         return prompt_similarities(kind, answers[ename], views[root][ename], first)
 
     lines = ["| similarity | positions | precision | recall | derived calls on unrelated pairs | largest p, derived |",
              "|---|---|---:|---:|---:|---:|"]
     for kind in KINDS:
-        for first in ((None,) if kind == "greedy" else (None, FIRST)):
+        for first in ((None,) if kind in ("greedy", "specific") else (None, FIRST)):
             rows = []
             for ename, (_, origin) in endpoints.items():
                 s = {r: sims(kind, first, ename, r) for r in roots}

@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.serve_helpers import Server
 
-from taoke.provenance.endpoint import answer_similarity, holm, judge, load_prompts, sign_flip_p
+from taoke.provenance.endpoint import (answer_similarity, holm, judge, load_prompts, prompt_specific, sign_flip_p,
+                                      similarity_matrix)
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -25,6 +26,23 @@ def test_answer_similarity_counts_positions_of_the_longer_answer():
     assert answer_similarity([], [], 32) == 1.0
     assert answer_similarity([], [5], 32) == 0.0
     assert answer_similarity([1, 2, 7, 7], [1, 2, 8, 8], 2) == 1.0      # only the first max_tokens count
+
+
+def test_similarity_matrix_is_answer_similarity_of_every_pair():
+    a = [[1, 2, 3], [], [4, 4, 4, 4], [1, 2, 9, 9, 9]]
+    b = [[1, 2, 3, 5], [], [4], [7, 2, 9]]
+    sim = similarity_matrix(a, b, 4)
+    assert sim.shape == (4, 4)
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            assert sim[i, j] == pytest.approx(answer_similarity(x, y, 4)), (i, j)
+
+
+def test_prompt_specific_takes_off_what_an_answer_shares_with_answers_to_other_prompts():
+    # worked by hand: row 0 -> 1 - (1 + 1) / 2 = 0 (like every answer: nothing specific); row 1 -> 0.5 - (0 + 0) / 2
+    # = 0.5; row 2 -> 0 - (1 + 0) / 2 = -0.5
+    sim = np.array([[1.0, 1.0, 1.0], [0.0, 0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert prompt_specific(sim) == pytest.approx([0.0, 0.5, -0.5])
 
 
 def test_sign_flip_p_matches_exact_enumeration():
@@ -58,6 +76,24 @@ def test_judge_from_answers():
     assert any("more like control d" in e for e in unrelated["evidence"])
     with pytest.raises(Exception, match="at least one control"):
         judge(ref, ref, {}, tok)
+
+
+def test_shared_habits_without_shared_answers_are_not_derivation():
+    """Two models that say the same thing whatever they are asked (trained on the same text, say) agree on every
+    prompt; a model that shares none of that habit agrees on none. Plain similarity calls that derivation; the
+    prompt-specific statistic does not, and still finds a real copy (answers that follow the prompt)."""
+    from tests.lm_helpers import smollm_tokenizer
+
+    tok = smollm_tokenizer()
+    words = "sea sky tea cat dog sun moon rain hat pen cup box".split() * 2
+    habit = ["the the poem of the moon the the"] * len(words)
+    endpoint = [f"the the poem of the moon, {w}" for w in words]       # the habit, a word on the end that varies
+    panel = {"b": [f"a reply on the {w}" for w in reversed(words)], "c": [f"{w} {i}" for i, w in enumerate(words)]}
+    plain = judge(endpoint, habit, panel, tok, specific=False)
+    assert plain["verdict"] == "derived"            # the confound this statistic removes
+    assert judge(endpoint, habit, panel, tok)["verdict"] != "derived"
+    copy = judge(panel["c"], panel["c"], {"b": panel["b"], "d": habit}, tok)
+    assert copy["verdict"] == "derived" and copy["similarity"]["specific"] > 0.5
 
 
 def test_probe_prompts_are_fixed_and_bounded(tmp_path):

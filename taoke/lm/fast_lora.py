@@ -3,9 +3,11 @@
 PEFT computes `base(x) + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`: under bf16 autocast the input is
 cast to fp32 and back to bf16 for every adapted layer, each of q/k/v casts the same normed input on its own,
 and the scaling and the sum are two more passes over the output. Here the input is cast once (layers fed the
-same tensor share the cast) and `torch.addmm` adds `scaling * (x A^T) B^T` into the base output inside the
-matmul: the same function of the same bf16 operands, with one rounding instead of three. LoRA dropout is
-applied, as PEFT applies it, to the adapter's input only (each layer draws its own mask, on the shared bf16
+same tensor share the cast) and `torch.addmm` adds `scaling * (x A^T) B^T` to the base output in fp32. PEFT's
+bf16 sum rounds the update at the output's precision, and early in training an update is a few bits below the
+output: trained so, LoRA's held-out loss was 0.008 above fp32 training; with the update added in fp32 it is within
+0.001 (bench/RESULTS.md, 2026-12-07). The adapted layers then return fp32 (the next matmul casts back). LoRA
+dropout is applied, as PEFT applies it, to the adapter's input only (each layer draws its own mask, on the shared bf16
 cast), so a recipe's default dropout keeps the fast path. The LoRA parameters, their names and PEFT's
 merge/save are untouched; only `forward` is swapped, and put back on exit.
 
@@ -53,14 +55,14 @@ def _plain_lora(layer: nn.Module) -> str | None:
     return name
 
 
-def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
+def _forward_for(layer: nn.Module, name: str, cast: _CastOnce, fp32_update: bool):
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     dropout = layer.lora_dropout[name]
     scaling = layer.scaling[name]
     original = layer.forward
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or layer.disable_adapters or layer.merged or not torch.is_autocast_enabled(x.device.type):
+        if args or kwargs or layer.merged or not torch.is_autocast_enabled(x.device.type):
             return original(x, *args, **kwargs)
         dtype = torch.get_autocast_dtype(x.device.type)
         xc = cast(x, dtype)
@@ -68,12 +70,19 @@ def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
         with torch.autocast(x.device.type, enabled=False):
             bias = base.bias.to(dtype) if base.bias is not None else None
             out = F.linear(flat, base.weight.to(dtype), bias)
+            if layer.disable_adapters:   # DPO's reference: the base alone, in the dtype the adapted forward gives
+                return (out.float() if fp32_update else out).view(*x.shape[:-1], out.shape[-1])
             dropped = F.dropout(flat, dropout.p, training=True) if dropout.training and getattr(dropout, "p", 0) \
                 else flat
             a = F.linear(dropped, lora_a.weight.to(dtype))
-            # in place on a base tensor (not a view, which autograd would copy back): linear's backward needs
-            # its inputs, not its output, and a fresh result would cost a copy
-            out.addmm_(a, lora_b.weight.to(dtype).t(), alpha=scaling)
+            if fp32_update:
+                # the base output rounded once, the adapter's update added to it in fp32: rounded into a bf16
+                # output, an update a few bits below the output's (most are, early in training) is mostly lost
+                out = torch.addmm(out.float(), a.float(), lora_b.weight.float().t(), alpha=scaling)
+            else:
+                # in place on a base tensor (not a view, which autograd would copy back): linear's backward needs
+                # its inputs, not its output, and a fresh result would cost a copy
+                out.addmm_(a, lora_b.weight.to(dtype).t(), alpha=scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
@@ -82,8 +91,8 @@ def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
 class FastLoraForward:
     """Context manager: plain LoRA layers of `model` use the fused forward inside, PEFT's again after."""
 
-    def __init__(self, model: nn.Module, enabled: bool = True):
-        self.model, self.enabled = model, enabled
+    def __init__(self, model: nn.Module, enabled: bool = True, fp32_update: bool = True):
+        self.model, self.enabled, self.fp32_update = model, enabled, fp32_update
         self.cast = _CastOnce()
         self.swapped: list[nn.Module] = []
 
@@ -93,7 +102,7 @@ class FastLoraForward:
         for layer in self.model.modules():
             name = _plain_lora(layer)
             if name is not None:
-                layer.forward = _forward_for(layer, name, self.cast)
+                layer.forward = _forward_for(layer, name, self.cast, self.fp32_update)
                 self.swapped.append(layer)
         return self
 

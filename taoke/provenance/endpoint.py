@@ -8,9 +8,14 @@ The test of Model Provenance Testing (Nikolić, Baluta, Saxena; NeurIPS 2025), o
    checks that first) answer the same prompts the same way.
 3. Similarity of two answers: the share of positions, over the longer answer (in REF's tokens, at most
    `max_tokens`), where both have the same token. Two empty answers are the same answer.
+   Prompt-specific similarity (the default): the similarity of the two answers to the same prompt, less the mean
+   similarity of the endpoint's answer to the model's answers to the other prompts. Two models trained on the same
+   kind of text share words and habits whatever they are asked; a model derived from REF shares REF's answer to
+   each prompt. Subtracting the mismatched-prompt baseline keeps the second and drops the first (on the bench's zoo
+   it removed every false call made by models that answer all prompts alike; bench/RESULTS.md).
 4. Test. For each control c, H0_c: "the endpoint is no closer to REF than to c". Statistic: the mean over prompts
-   of sim(E, REF) - sim(E, c); p from random sign flips of the per-prompt differences (a paired randomisation
-   test: exact when the two answers of a prompt are exchangeable, never below 1/(draws+1)). The endpoint derives
+   of sim(E, REF) - sim(E, c), sim being the prompt-specific similarity; p from random sign flips of the
+   per-prompt differences (a paired randomisation test: exact when the two answers of a prompt are exchangeable, never below 1/(draws+1)). The endpoint derives
    from REF only if every H0_c falls, so p is the largest Holm-adjusted p over the panel.
 
 The p-value is calibrated against the panel the user gives: a panel of models weaker or narrower than the
@@ -188,6 +193,31 @@ def answer_similarity(a: list[int], b: list[int], max_tokens: int) -> float:
     return sum(x == y for x, y in zip(a, b)) / n
 
 
+def similarity_matrix(a: list[list[int]], b: list[list[int]], max_tokens: int) -> np.ndarray:
+    """S[i, j] = answer_similarity(a[i], b[j], max_tokens) for every pair of answers, vectorised."""
+    def padded(rows, fill):
+        out = np.full((len(rows), max_tokens), fill, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r[:max_tokens])] = r[:max_tokens]
+        return out, np.array([min(len(r), max_tokens) for r in rows])
+
+    (x, lx), (y, ly) = padded(a, -1), padded(b, -2)     # different fills: padding never matches padding
+    # 64 rows at a time: 1000 prompts x 512 tokens at once would be a 512 MB comparison
+    same = np.concatenate([(x[i:i + 64, None, :] == y[None, :, :]).sum(-1) for i in range(0, len(x), 64)]) \
+        if len(x) else np.zeros((0, len(y)), dtype=np.int64)
+    longer = np.maximum(lx[:, None], ly[None, :])
+    return np.where(longer == 0, 1.0, same / np.maximum(longer, 1))
+
+
+def prompt_specific(sim: np.ndarray) -> np.ndarray:
+    """Per prompt i: sim[i, i] less the mean of sim[i, j], j != i (how much more the endpoint's answer to i is like
+    the model's answer to i than like its answers to other prompts)."""
+    n = len(sim)
+    if n < 2:
+        return np.diag(sim).copy()
+    return np.diag(sim) - (sim.sum(axis=1) - np.diag(sim)) / (n - 1)
+
+
 def sign_flip_p(diff: np.ndarray, draws: int = SIGN_FLIPS, seed: int = 0) -> float:
     """One-sided paired randomisation test of mean(diff) > 0: flip the sign of each difference at random."""
     diff = np.asarray(diff, dtype=np.float64)
@@ -215,8 +245,9 @@ def require_controls(controls) -> None:
 
 
 def judge(endpoint: list[str], reference: list[str], controls: dict[str, list[str]], tokenizer,
-          max_tokens: int = 32) -> dict:
-    """Verdict from the answers alone: the endpoint's, REF's and each control's to the same prompts."""
+          max_tokens: int = 32, specific: bool = True) -> dict:
+    """Verdict from the answers alone: the endpoint's, REF's and each control's to the same prompts. `specific`:
+    test prompt-specific similarity (module docstring, step 3); False tests the plain per-prompt similarity."""
     require_controls(controls)
 
     if any(len(a) != len(endpoint) for a in (reference, *controls.values())):
@@ -225,15 +256,21 @@ def judge(endpoint: list[str], reference: list[str], controls: dict[str, list[st
     def ids(texts: list[str]) -> list[list[int]]:
         return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
-    e, r = ids(endpoint), ids(reference)
-    sim_ref = np.array([answer_similarity(x, y, max_tokens) for x, y in zip(e, r)])
+    def scores(answers: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(plain similarity per prompt, the statistic tested per prompt)."""
+        sim = similarity_matrix(e, ids(answers), max_tokens)
+        return np.diag(sim), (prompt_specific(sim) if specific else np.diag(sim))
+
+    e = ids(endpoint)
+    sim_ref, stat_ref = scores(reference)
     rows, raw = [], []
     for name, answers in controls.items():
-        sim_c = np.array([answer_similarity(x, y, max_tokens) for x, y in zip(e, ids(answers))])
-        p = sign_flip_p(sim_ref - sim_c)
+        sim_c, stat_c = scores(answers)
+        p = sign_flip_p(stat_ref - stat_c)
         raw.append(p)
         rows.append({"control": name, "similarity": round(float(sim_c.mean()), 4),
-                     "difference": round(float((sim_ref - sim_c).mean()), 4), "p": p})
+                     "specific": round(float(stat_c.mean()), 4),
+                     "difference": round(float((stat_ref - stat_c).mean()), 4), "p": p})
     for row, adj in zip(rows, holm(raw)):
         row["p_holm"] = adj
     p = max(row["p_holm"] for row in rows)
@@ -245,14 +282,20 @@ def judge(endpoint: list[str], reference: list[str], controls: dict[str, list[st
         verdict, relation = "independent", "unknown"
     else:
         verdict, relation = "inconclusive", "unknown"
+    statistic = "prompt-specific similarity" if specific else "similarity"
     evidence = [f"mean answer similarity to REF {mean_ref:.3f} over {len(e)} prompts; to the closest control "
                 f"({closest['control']}) {closest['similarity']:.3f}",
-                f"p = {p:.3g}: the largest Holm-adjusted p of {len(rows)} paired sign-flip tests "
+                f"p = {p:.3g}: the largest Holm-adjusted p of {len(rows)} paired sign-flip tests of {statistic} "
                 f"({SIGN_FLIPS} draws each, so never below {1 / (SIGN_FLIPS + 1):.0e})"]
+    if specific:
+        evidence.insert(1, f"prompt-specific similarity to REF {stat_ref.mean():.3f}; to the controls "
+                           + ", ".join(f"{r['control']} {r['specific']:.3f}" for r in rows[:5])
+                           + (" ..." if len(rows) > 5 else ""))
     if closest["similarity"] > mean_ref:
         evidence.append(f"the endpoint answers more like control {closest['control']} than like REF")
     return {"verdict": verdict, "p_value": p, "relation": relation, "layers": [],
-            "similarity": {"reference": round(mean_ref, 4), "per_prompt": [round(float(s), 4) for s in sim_ref]},
+            "similarity": {"reference": round(mean_ref, 4), "specific": round(float(stat_ref.mean()), 4),
+                           "statistic": statistic, "per_prompt": [round(float(s), 4) for s in sim_ref]},
             "controls": rows, "evidence": evidence, "changes": []}
 
 
