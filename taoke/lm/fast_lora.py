@@ -55,7 +55,7 @@ def _plain_lora(layer: nn.Module) -> str | None:
     return name
 
 
-def _forward_for(layer: nn.Module, name: str, cast: _CastOnce, fp32_update: bool):
+def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[name], layer.lora_B[name]
     dropout = layer.lora_dropout[name]
     scaling = layer.scaling[name]
@@ -71,18 +71,13 @@ def _forward_for(layer: nn.Module, name: str, cast: _CastOnce, fp32_update: bool
             bias = base.bias.to(dtype) if base.bias is not None else None
             out = F.linear(flat, base.weight.to(dtype), bias)
             if layer.disable_adapters:   # DPO's reference: the base alone, in the dtype the adapted forward gives
-                return (out.float() if fp32_update else out).view(*x.shape[:-1], out.shape[-1])
+                return out.float().view(*x.shape[:-1], out.shape[-1])
             dropped = F.dropout(flat, dropout.p, training=True) if dropout.training and getattr(dropout, "p", 0) \
                 else flat
             a = F.linear(dropped, lora_a.weight.to(dtype))
-            if fp32_update:
-                # the base output rounded once, the adapter's update added to it in fp32: rounded into a bf16
-                # output, an update a few bits below the output's (most are, early in training) is mostly lost
-                out = torch.addmm(out.float(), a.float(), lora_b.weight.float().t(), alpha=scaling)
-            else:
-                # in place on a base tensor (not a view, which autograd would copy back): linear's backward needs
-                # its inputs, not its output, and a fresh result would cost a copy
-                out.addmm_(a, lora_b.weight.to(dtype).t(), alpha=scaling)
+            # the base output rounded once, the adapter's update added to it in fp32: rounded into a bf16
+            # output, an update a few bits below the output's (most are, early in training) is mostly lost
+            out = torch.addmm(out.float(), a.float(), lora_b.weight.float().t(), alpha=scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
@@ -91,8 +86,8 @@ def _forward_for(layer: nn.Module, name: str, cast: _CastOnce, fp32_update: bool
 class FastLoraForward:
     """Context manager: plain LoRA layers of `model` use the fused forward inside, PEFT's again after."""
 
-    def __init__(self, model: nn.Module, enabled: bool = True, fp32_update: bool = True):
-        self.model, self.enabled, self.fp32_update = model, enabled, fp32_update
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.model, self.enabled = model, enabled
         self.cast = _CastOnce()
         self.swapped: list[nn.Module] = []
 
@@ -102,7 +97,7 @@ class FastLoraForward:
         for layer in self.model.modules():
             name = _plain_lora(layer)
             if name is not None:
-                layer.forward = _forward_for(layer, name, self.cast, self.fp32_update)
+                layer.forward = _forward_for(layer, name, self.cast)
                 self.swapped.append(layer)
         return self
 

@@ -15,7 +15,8 @@ The test of Model Provenance Testing (Nikolić, Baluta, Saxena; NeurIPS 2025), o
    it removed every false call made by models that answer all prompts alike; bench/RESULTS.md).
 4. Test. For each control c, H0_c: "the endpoint is no closer to REF than to c". Statistic: the mean over prompts
    of sim(E, REF) - sim(E, c), sim being the prompt-specific similarity; p from random sign flips of the
-   per-prompt differences (a paired randomisation test: exact when the two answers of a prompt are exchangeable, never below 1/(draws+1)). The endpoint derives
+   per-prompt differences (a paired randomisation test: exact when the two answers of a prompt are exchangeable,
+   never below 1/(draws+1)). The endpoint derives
    from REF only if every H0_c falls, so p is the largest Holm-adjusted p over the panel.
 
 The p-value is calibrated against the panel the user gives: a panel of models weaker or narrower than the
