@@ -3,7 +3,7 @@
 PEFT computes `base(x) + lora_B(lora_A(dropout(x.to(fp32)))) * scaling`: under bf16 autocast the input is
 cast to fp32 and back to bf16 for every adapted layer, each of q/k/v casts the same normed input on its own,
 and the scaling and the sum are two more passes over the output. Here the input is cast once (layers fed the
-same tensor share the cast) and `torch.addmm` adds `scaling * (x A^T) B^T` to the base output in fp32. PEFT's
+same tensor share the cast) and the bf16 base output is added to `scaling * (x A^T) B^T` in fp32. PEFT's
 bf16 sum rounds the update at the output's precision, and early in training an update is a few bits below the
 output: trained so, LoRA's held-out loss was 0.008 above fp32 training; with the update added in fp32 it is within
 0.001 (bench/RESULTS.md, 2026-12-07). The adapted layers then return fp32 (the next matmul casts back). LoRA
@@ -76,8 +76,9 @@ def _forward_for(layer: nn.Module, name: str, cast: _CastOnce):
                 else flat
             a = F.linear(dropped, lora_a.weight.to(dtype))
             # the base output rounded once, the adapter's update added to it in fp32: rounded into a bf16
-            # output, an update a few bits below the output's (most are, early in training) is mostly lost
-            out = torch.addmm(out.float(), a.float(), lora_b.weight.float().t(), alpha=scaling)
+            # output, an update a few bits below the output's (most are, early in training) is mostly lost.
+            # The bf16 output is added into the fp32 update in place: no fp32 copy of it is made.
+            out = torch.mm(a.float(), (lora_b.weight.float() * scaling).t()).add_(out)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
