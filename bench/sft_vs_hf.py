@@ -382,7 +382,9 @@ def main():
 
     ok = {p: [r for r in rs if "error" not in r] for p, rs in runs.items()}
     native_bf16 = cpu_has_bf16()   # without it the bf16 "peak" is emulation: no MFU against it
-    baseline = "trl" if args.method == "dpo" else "hf"   # the peer every ratio is against
+    # the peer every ratio is against: TRL for DPO, else HF's default, else the first peer that is not taoke
+    others = [p for p in peers if not p.startswith("taoke")]
+    baseline = "trl" if args.method == "dpo" else "hf" if "hf" in peers or not others else others[0]
     hf = ok.get(baseline) or []
     loss_name = "held-out DPO loss | held-out preference acc" if args.method == "dpo" else "held-out loss"
     lines = [f"| peer | non-pad tokens/s | vs {baseline} | steady tokens/s | steady vs {baseline} | per-run steady "
