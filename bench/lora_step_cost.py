@@ -28,6 +28,11 @@ from results import record  # noqa: E402
 FORWARDS = {"fused": True, "peft": False}   # FastLoraForward enabled or not
 
 
+def timed_batches(batches: list[dict], r: int) -> list[dict]:
+    """The two batches round `r` trains on (every forward gets the same ones)."""
+    return [batches[(2 * r) % len(batches)], batches[(2 * r + 1) % len(batches)]]
+
+
 def step_times(model, batches, rounds: int) -> dict[str, list[float]]:
     """Seconds per training step for each forward, `rounds` interleaved rounds of two steps each."""
     import torch
@@ -46,15 +51,16 @@ def step_times(model, batches, rounds: int) -> dict[str, list[float]]:
         for name, fused in FORWARDS.items():
             with FastLoraForward(model, enabled=fused):
                 t = time.perf_counter()
-                for b in (batches[(2 * r) % len(batches)], batches[(2 * r + 1) % len(batches)]):
+                for b in timed_batches(batches, r):
                     step(b)
                 if r:
                     times[name].append((time.perf_counter() - t) / 2)
     return times
 
 
-def sdpa_times(batch: int, heads: int, seq: int, head_dim: int, dtype, reps: int = 6) -> tuple[float, float]:
-    """Median forward and backward seconds of causal SDPA on (batch, heads, seq, head_dim)."""
+def sdpa_times(batch: int, heads: int, seq: int, head_dim: int, dtype, reps: int = 6) -> tuple[list, list]:
+    """Forward and backward seconds of causal SDPA on (batch, heads, seq, head_dim), `reps` of each after two
+    warm-up calls."""
     import torch
     import torch.nn.functional as F
 
@@ -68,11 +74,13 @@ def sdpa_times(batch: int, heads: int, seq: int, head_dim: int, dtype, reps: int
         if i >= 2:
             fwd.append(t1 - t0)
             bwd.append(time.perf_counter() - t1)
-    return statistics.median(fwd), statistics.median(bwd)
+    return fwd, bwd
 
 
-def spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"
+def spread(xs: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    """median (min-max) of xs * scale."""
+    m, lo, hi = (scale * v for v in (statistics.median(xs), min(xs), max(xs)))
+    return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 def main() -> None:
@@ -103,7 +111,9 @@ def main() -> None:
     batches = make_batches(rows, args.seq_len, args.batch, tok.pad_token_id, True, seed=0)
     with FrozenInLowPrecision(model, torch.bfloat16):
         times = step_times(model, batches, args.rounds)
-    tokens = sum(int(b["n_real"]) for b in batches[:2]) / 2
+    # tokens a step over the batches the kept rounds trained on (round 0 is the warm-up)
+    timed = [b for r in range(1, args.rounds + 1) for b in timed_batches(batches, r)]
+    tokens = statistics.mean(int(b["n_real"]) for b in timed)
 
     cfg = model.config
     heads, head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -123,12 +133,12 @@ def main() -> None:
         f"| taoke fused (update added in fp32) | {spread(times['fused'])} | {tokens / fused:.1f} | "
         f"{peft / fused:.2f}x |",
         f"| PEFT's own (update summed in bf16) | {spread(times['peft'])} | {tokens / peft:.1f} | 1.00x |", "",
-        f"| causal SDPA, ({args.batch}, {heads}, {args.seq_len}, {head_dim}) | forward ms | backward ms | "
-        f"x {layers} layers, s | share of a fused step |", "|---|---:|---:|---:|---:|",
+        f"| causal SDPA, ({args.batch}, {heads}, {args.seq_len}, {head_dim}) | forward ms, median (min-max) | "
+        f"backward ms, median (min-max) | x {layers} layers, s | share of a fused step |", "|---|---:|---:|---:|---:|",
     ]
     for name, (f, b) in attn.items():
-        lines.append(f"| {name} | {1000 * f:.1f} | {1000 * b:.1f} | {layers * (f + b):.3f} | "
-                     f"{layers * (f + b) / fused:.0%} |")
+        both = layers * (statistics.median(f) + statistics.median(b))
+        lines.append(f"| {name} | {spread(f, 1000, 1)} | {spread(b, 1000, 1)} | {both:.3f} | {both / fused:.0%} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_record:

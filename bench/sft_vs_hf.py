@@ -385,7 +385,7 @@ def main():
     # the peer every ratio is against: TRL for DPO, else HF's default, else the first peer that is not taoke
     others = [p for p in peers if not p.startswith("taoke")]
     baseline = "trl" if args.method == "dpo" else "hf" if "hf" in peers or not others else others[0]
-    hf = ok.get(baseline) or []
+    base_runs = ok.get(baseline) or []
     loss_name = "held-out DPO loss | held-out preference acc" if args.method == "dpo" else "held-out loss"
     lines = [f"| peer | non-pad tokens/s | vs {baseline} | steady tokens/s | steady vs {baseline} | per-run steady "
              f"vs {baseline} | MFU (bf16 peak) | MFU (fp32 peak) | peak RSS MB training | peak RSS MB incl. eval | "
@@ -397,8 +397,8 @@ def main():
             lines.append(f"| {p} | failed: {runs[p][0]['error']} |" + " |" * (11 + (args.method == "dpo")))
             continue
         rate, steady = med(rs, "tokens_per_s"), med(rs, "steady_tokens_per_s")
-        ratio = rate / med(hf, "tokens_per_s") if hf else float("nan")
-        steady_ratio = steady / med(hf, "steady_tokens_per_s") if hf else float("nan")
+        ratio = rate / med(base_runs, "tokens_per_s") if base_runs else float("nan")
+        steady_ratio = steady / med(base_runs, "steady_tokens_per_s") if base_runs else float("nan")
         per_run = [a["steady_tokens_per_s"] / b["steady_tokens_per_s"] for a, b in zip(runs[p], runs.get(baseline, []))
                    if "error" not in a and "error" not in b]
         spread = f"{min(per_run):.2f}-{max(per_run):.2f}x" if per_run else ""
@@ -419,15 +419,14 @@ def main():
             + (f" (probe: bf16 {r['precision_probe']:.2f}x fp32)" if r.get("precision_probe") else "")
             if "error" not in r else "failed" for r in runs[p]))
     cpu = cpu_model()
+    dpo_pairs = (f"built from {DATA['poems'].relative_to(ROOT)} (chosen: the poem for the request; rejected: the poem "
+                 "of the request half the file away)" if args.data == "poems" else str(DPO_DATA.relative_to(ROOT)))
     what = {"lora": f"LoRA SFT smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, dropout={args.dropout}, all "
                     f"linear projections), data {args.data} ({DATA[args.data].relative_to(ROOT)})",
             "full": f"Full fine-tuning SFT smollm2-135m, data {args.data} ({DATA[args.data].relative_to(ROOT)})",
             "dpo": f"DPO (beta {BETA}) with LoRA smollm2-135m (r={LORA['r']}, alpha={LORA['alpha']}, "
-                   f"dropout={args.dropout}, all "
-                   f"linear projections), pairs " + (f"built from {DATA['poems'].relative_to(ROOT)} (chosen: the poem "
-                   "for the request; rejected: the poem of the request half the file away)" if args.data == "poems"
-                   else str(DPO_DATA.relative_to(ROOT))) + " (every 10th held out); batch = pairs, "
-                   f"tokens = chosen + rejected"}[args.method]
+                   f"dropout={args.dropout}, all linear projections), pairs {dpo_pairs} (every 10th held out); "
+                   f"batch = pairs, tokens = chosen + rejected"}[args.method]
     head = (f"\n## sft_vs_hf --method {args.method} — {datetime.datetime.now().isoformat(timespec='minutes')}\n\n"
             f"{what}, "
             f"steps={args.steps}, batch={args.batch} rows, seq_len={args.seq_len}, lr={args.lr}, "
