@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from taoke.allocator import active_allocator, preload_env  # noqa: E402
 from results import record  # noqa: E402
 DATA = {"chatterbot": ROOT / "data" / "chatterbot" / "dialogs.jsonl", "poems": ROOT / "data" / "poems-zh" / "poems.jsonl"}
 # lora_dropout defaults to 0, the default of PEFT, LLaMA-Factory and recipes/sft-lora.yaml (--dropout sets it)
@@ -100,7 +101,8 @@ def worker(peer: str, args) -> dict:
     return {"peer": peer, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "steady_tokens_per_s": steady_rate(marks), "compiled": compiled, "precision": precision,
             "precision_probe": probe, "held_out_loss": held_loss, "peak_rss_mb": peak_rss_mb(),
-            "train_peak_rss_mb": train_rss, "examples": examples, "params": n_params}
+            "train_peak_rss_mb": train_rss, "examples": examples, "params": n_params,
+            "allocator": active_allocator()}
 
 
 def probe_speedup(hist) -> float | None:
@@ -167,7 +169,8 @@ def dpo_worker(peer: str, args, model, tok) -> dict:
             "steady_tokens_per_s": steady_rate(marks), "compiled": False, "precision": precision,
             "precision_probe": probe, "held_out_loss": ev["dpo_loss"],
             "preference_acc": ev["preference_acc"], "reward_acc": ev["reward_acc"], "peak_rss_mb": peak_rss_mb(),
-            "train_peak_rss_mb": train_rss, "examples": args.steps * args.batch, "params": n_params}
+            "train_peak_rss_mb": train_rss, "examples": args.steps * args.batch, "params": n_params,
+            "allocator": active_allocator()}
 
 
 def steady_rate(marks: list[tuple[float, int]], skip: int = SKIP_STEPS) -> float:
@@ -310,6 +313,9 @@ def run_peer(peer, args) -> dict:
            "--threads", str(args.threads), "--compile", args.compile, "--data", args.data, "--dropout", str(args.dropout),
            "--method", args.method, "--seed", str(args.seed)]
     env, cache = dict(os.environ), None
+    if peer.startswith("taoke") and peer != "taoke-sysmalloc":
+        # the allocator `taoke derive` runs training under (taoke/allocator.py); taoke-sysmalloc: the C library's
+        env = preload_env(env) or env
     if args.cold_cache:  # inductor's on-disk cache starts empty: the compile is paid in full in this run
         cache = env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="taoke-bench-inductor-")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -331,7 +337,8 @@ def main():
                                                            "machine is shared; set to the core count otherwise)")
     ap.add_argument("--peers", default="taoke,hf,hf-bf16,trl",
                     help="hf: HF Trainer+PEFT defaults (fp32); hf-bf16: the same with bf16=True; "
-                         "taoke-fp32: taoke with train.precision fp32")
+                         "taoke-fp32: taoke with train.precision fp32; taoke-sysmalloc: taoke under the C "
+                         "library's malloc (TAOKE_ALLOCATOR=system) instead of the mimalloc `taoke derive` uses")
     ap.add_argument("--method", default="lora", choices=sorted(FLOP_PER_TOKEN),
                     help="lora: LoRA SFT; full: full fine-tuning SFT; dpo: DPO with LoRA on the chatterbot pairs "
                          "(peers taoke,trl,trl-bf16; the ratios are against trl)")
@@ -366,22 +373,29 @@ def main():
     import peft
 
     peers = [p for p in args.peers.split(",") if not p.startswith("trl") or importlib.util.find_spec("trl")]
+    from taoke.hardware import KERNEL_FLAGS, cpu_flags, cpu_has_bf16, cpu_model
+
     load_before = os.getloadavg()[0]
+    native_bf16 = cpu_has_bf16()   # without it the bf16 "peak" is emulation: no MFU against it
+
+    def peak_pair() -> tuple[float, float]:
+        # emulated bf16 runs at ~1 GFLOP/s, so its probe alone would take ~12 minutes: not timed (nan)
+        bf16 = matmul_peak(args.threads, "bfloat16") if native_bf16 else float("nan")
+        return bf16, matmul_peak(args.threads, "float32")
+
     # the peak is taken before and after the runs and the higher kept: one slow spell must not inflate MFU
-    peaks = [(matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32"))]
+    peaks = [peak_pair()]
     runs = {p: [] for p in peers}
     for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every peer alike
         for p in peers:
             runs[p].append(run_peer(p, args))
-    peaks.append((matmul_peak(args.threads, "bfloat16"), matmul_peak(args.threads, "float32")))
+    peaks.append(peak_pair())
     peak_bf16, peak_fp32 = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    from taoke.hardware import KERNEL_FLAGS, cpu_flags, cpu_has_bf16, cpu_model
 
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
 
     ok = {p: [r for r in rs if "error" not in r] for p, rs in runs.items()}
-    native_bf16 = cpu_has_bf16()   # without it the bf16 "peak" is emulation: no MFU against it
     # the peer every ratio is against: TRL for DPO, else HF's default, else the first peer that is not taoke
     others = [p for p in peers if not p.startswith("taoke")]
     baseline = "trl" if args.method == "dpo" else "hf" if "hf" in peers or not others else others[0]
@@ -408,7 +422,7 @@ def main():
         if args.method == "dpo":
             quality += f" | {med(rs, 'preference_acc'):.3f}"
         precisions = "/".join(sorted({r["precision"] for r in rs}))   # runs of one peer may choose differently
-        name = f"{p} ({precisions}{', compiled' if rs[0].get('compiled') else ''})"
+        name = f"{p} ({precisions}{', compiled' if rs[0].get('compiled') else ''}, {rs[0].get('allocator', '?')})"
         lines.append(f"| {name} | {rate:.1f} | {ratio:.2f}x | {steady:.1f} | {steady_ratio:.2f}x | {spread} | "
                      f"{mfu_bf16} | {flops / peak_fp32:.1%} | {max(r['train_peak_rss_mb'] for r in rs):.0f} | "
                      f"{max(r['peak_rss_mb'] for r in rs):.0f} | {quality} | {rs[0]['tokens']} |")
@@ -436,7 +450,8 @@ def main():
             + (f"run as an AVX2-only CPU ({', '.join(f'{k}={v}' for k, v in AVX2_ONLY.items())}: no AVX512, bf16 "
                f"emulated; the fp32 peak is the one that counts); " if args.isa == "avx2" else "")
             + f"matmul peak (best over {len(PEAK_SHAPES)} shapes, before and after the runs) bf16 "
-              f"{peak_bf16 / 1e9:.1f} GFLOP/s, fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. "
+              + (f"{peak_bf16 / 1e9:.1f} GFLOP/s" if native_bf16 else "not timed (emulated)")
+              + f", fp32 {peak_fp32 / 1e9:.1f} GFLOP/s. "
             f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
             + (f", trl {__import__('trl').__version__}" if any(p.startswith("trl") for p in peers) else "") + ".\n"
             + ("DPO: TRL pads each batch of pairs to its longest sequence; taoke packs the chosen and rejected "

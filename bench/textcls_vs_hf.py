@@ -121,6 +121,7 @@ def worker_hf(args, tuned: bool) -> dict:
                               TrainingArguments)
 
     from taoke.data.encode import text_column
+    from taoke.hardware import cpu_has_bf16   # bf16=True on a CPU without it is emulated: ~30x slower, not "tuned"
     from taoke.library import resolve
 
     plan = shared_split(args)
@@ -144,7 +145,7 @@ def worker_hf(args, tuned: bool) -> dict:
                               learning_rate=args.lr, warmup_steps=0.1, weight_decay=0.01, max_grad_norm=1.0,
                               lr_scheduler_type="linear", seed=args.seed, save_strategy="no", eval_strategy="no",
                               logging_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-                              bf16=tuned, train_sampling_strategy="group_by_length" if tuned else "random", disable_tqdm=True, dataloader_num_workers=0)
+                              bf16=tuned and cpu_has_bf16(), train_sampling_strategy="group_by_length" if tuned else "random", disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=DataCollatorWithPadding(tok))
     t0 = time.perf_counter()
     trainer.train()
@@ -184,11 +185,15 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
     lines = ["| run | train s | samples/s | whole process s | peak RSS MB | test macro-F1 | taoke speed-up: training "
              "| taoke speed-up: whole process |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ours = runs["taoke"]
+    from taoke.hardware import cpu_has_bf16
+
+    native_bf16 = cpu_has_bf16()
     for key, rs in runs.items():
         train_ratio = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, rs)]
         whole_ratio = [b["wall_seconds"] / a["wall_seconds"] for a, b in zip(ours, rs)]
         f1 = sorted({round(r["macro_f1"], 4) for r in rs})
-        lines.append(f"| {NAMES[key]} | {spread([r['train_seconds'] for r in rs])} | "
+        name = NAMES[key] if key != "hf-tuned" or native_bf16 else "HF Trainer (group_by_length; no bf16: emulated here)"
+        lines.append(f"| {name} | {spread([r['train_seconds'] for r in rs])} | "
                      f"{spread([r['samples_per_s'] for r in rs])} | {spread([r['wall_seconds'] for r in rs])} | "
                      f"{statistics.median(r['peak_rss_mb'] for r in rs):.0f} | {' / '.join(map(str, f1))} | "
                      f"{spread(train_ratio, '.2f')}x | {spread(whole_ratio, '.2f')}x |")
@@ -211,8 +216,16 @@ def main() -> None:
 
     if args.worker:
         sys.path.insert(0, str(ROOT))
+        if args.worker == "taoke":
+            # start as `taoke derive` does: its CLI imported, then re-executed under its allocator (taoke/allocator.py),
+            # so the whole-process time includes that second start
+            import taoke.cli  # noqa: F401
+            from taoke.allocator import restart_with_mimalloc
+            restart_with_mimalloc()
         result = worker_taoke(args) if args.worker == "taoke" else worker_hf(args, args.worker == "hf-tuned")
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        from taoke.allocator import active_allocator
+        result["allocator"] = active_allocator()
         print(json.dumps(result))
         return
 
@@ -241,7 +254,9 @@ def main() -> None:
              f"median {first['median_tokens']} tokens a text), {args.epochs} epochs, batch {args.batch_size}, "
              f"lr {args.lr}, max length {args.max_length}, seed {args.seed}; {args.repeat} runs per peer, "
              "interleaved: median (min-max). Whole process: the subprocess from start to exit (imports, split, "
-             "tokenisation, model load, training, test prediction).", "", *table(runs), ""]
+             "tokenisation, model load, training, test prediction). taoke's process starts as `taoke derive` does: "
+             f"it re-executes itself under {first.get('allocator', '?')} (taoke/allocator.py), HF's runs under the "
+             "C library's malloc.", "", *table(runs), ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_record:

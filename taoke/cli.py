@@ -228,6 +228,10 @@ cli_serve.register(app)
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["derive"]:   # training: under mimalloc where it ships (taoke/allocator.py)
+        from taoke.allocator import restart_with_mimalloc
+
+        restart_with_mimalloc()
     # Quieter transformers for CLI users: its per-load warnings and download bars are noise here. transformers reads
     # both switches when it is imported (its log level from TRANSFORMERS_VERBOSITY, its bars from huggingface_hub's),
     # so the commands that need it import it themselves, later.

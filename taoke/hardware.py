@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from taoke.allocator import active_allocator
+
 
 def pick_device(preference: str | torch.device | None = "auto") -> torch.device:
     """The one device picker: CUDA when present, else the CPU; an explicit choice ('cpu', 'cuda:1') is kept."""
@@ -79,6 +81,7 @@ def runtime_record(device: torch.device) -> dict:
            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
            # the vector ISA ATen dispatches to, and any oneDNN cap: why the same CPU can run slower kernels
            "kernels": {"aten": torch.backends.cpu.get_cpu_capability(), "onednn_isa_cap": isa_cap()},
+           "allocator": active_allocator(),   # taoke/allocator.py: why peak RSS differs between runs
            "versions": {p: _version(p) for p in ("torch", "transformers", "peft")}}
     if device.type == "cuda":
         rec["gpu"] = torch.cuda.get_device_name(device)

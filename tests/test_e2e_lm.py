@@ -2,6 +2,8 @@
 model passes the parity check (the run only completes if it does), predict answers."""
 
 import json
+import platform
+import sys
 
 import pytest
 import torch
@@ -56,8 +58,12 @@ def check_runtime(lin, out, steps):
     assert rt["tokens_per_s"] == round(lin["metrics"]["tokens_per_s"], 2)
     assert rt["fused_lora_layers"] == 7 * 30 and rt["compiled"] is False
     assert 500 < rt["peak_rss_mb"] < 24_000
+    # `taoke derive` trains under mimalloc where its package has wheels (read from the run process's own maps)
+    shipped = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+    assert rt["allocator"] == ("mimalloc" if shipped else "system malloc")
     report = (out / "report.md").read_text()
     assert "## How it ran" in report and f"precision: {p['precision']}" in report
+    assert f"(allocator: {rt['allocator']})" in report
 
 
 @pytest.mark.slow

@@ -60,7 +60,8 @@ def runtime_lines(runtime: dict | None) -> list[str]:
             f"- precision: {p.get('precision', '?')}, {p.get('reason', '')}{timing}",
             f"- training: {runtime['train_seconds']:.1f} s" + (f", {speed}" if speed else "")
             + (f"; {'; '.join(extras)}" if extras else ""),
-            f"- peak RSS of the run's process: {runtime['peak_rss_mb']:,.0f} MB",
+            f"- peak RSS of the run's process: {runtime['peak_rss_mb']:,.0f} MB"
+            + (f" (allocator: {runtime['allocator']})" if runtime.get("allocator") else ""),
             f"- versions: {versions}"]
 
 

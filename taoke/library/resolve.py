@@ -21,9 +21,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.repocard import metadata_load
-
 from taoke.errors import FormatError, ModelError
 from taoke.files import read_json_object
 from taoke.library.builtin import BUILTIN, SCRATCH
@@ -97,6 +94,8 @@ def card_metadata(model_dir: Path) -> dict:
     readme = Path(model_dir) / "README.md"
     if not readme.is_file():
         return {}
+    from huggingface_hub.repocard import metadata_load   # here, not at import: the hub client costs ~0.2 s
+
     try:
         return metadata_load(readme) or {}
     except Exception:  # noqa: BLE001 - a malformed card is a card without metadata
@@ -120,6 +119,8 @@ def _from_package(name: str, entry: dict) -> BaseRef | None:
 def _from_hub(repo: str, revision: str | None = None, name: str | None = None, license: str | None = None,
               kind: str | None = None) -> BaseRef:
     """A hub repository through huggingface_hub (its cache when offline); records the resolved commit."""
+    from huggingface_hub import snapshot_download
+
     try:
         local = Path(snapshot_download(repo, revision=revision))
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo or cache: all mean "not available"
