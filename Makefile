@@ -33,7 +33,10 @@ test: $(STAMP) llama
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-all: $(STAMP) llama
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not heavy" tests
+
+test-heavy: $(STAMP) llama
+	$(BIN)/python -m pytest -q -m heavy tests
 
 clean:
 	rm -rf runs .pytest_cache

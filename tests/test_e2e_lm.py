@@ -129,6 +129,7 @@ def test_drop_layers_on_llama_saves_a_shallower_model(tmp_path):
 
 
 @pytest.mark.slow  # 30 full-parameter steps: the new rows need them to beat the base per byte
+@pytest.mark.heavy  # ~5.5 min on 2 AVX2 cores; the LoRA sibling below trains the new rows through the CLI in CI
 def test_vocab_expansion_with_cjk_tokens(tmp_path):
     from transformers import AutoTokenizer
 
