@@ -46,12 +46,14 @@ def default_torch_threads() -> int:
 
 def check_runtime(lin, out, steps):
     """lineage's runtime section says how the run ran: this machine (read here from /proc/cpuinfo), torch's own
-    thread count (the recipe sets none; read from a fresh interpreter), a precision with the reason and measurement that chose it, and speed and memory figures."""
+    thread count (the recipe sets none; read from a fresh interpreter), a precision with the reason and
+    measurement that chose it, and speed and memory figures."""
     rt = lin["runtime"]
     flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":", 1)[1].split()
     assert set(rt["cpu_flags"]) == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                                     "amx_int8", "avx_vnni"} & set(flags)
-    assert rt["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and rt["threads"] == default_torch_threads()
+    assert rt["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert rt["threads"] == default_torch_threads()
     assert rt["kernels"]["aten"] == torch.backends.cpu.get_cpu_capability()
     assert rt["versions"]["torch"] == torch.__version__ and rt["steps"] == steps
     native = bool({"avx512_bf16", "amx_bf16"} & set(flags))

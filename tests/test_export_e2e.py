@@ -99,7 +99,8 @@ def q4_0_gap(taoke_main, run: Path, out: Path, *extra: str) -> float:
     return float(re.search(r"\(([0-9.]+)% apart", err).group(1)) / 100
 
 
-@pytest.mark.heavy   # ~10 min on 2 AVX2 cores (GPTQ, then 4 epochs of norm tuning); test_gptq/test_norm_tweak check the parts
+# ~10 min on 2 AVX2 cores (GPTQ, then 4 epochs of norm tuning); test_gptq and test_norm_tweak check the parts in CI
+@pytest.mark.heavy
 def test_q4_0_gptq_codes_keep_llama_cpp_closer_to_the_run(sft, taoke_main):
     """Q4_0 of this 135M base (itself stored 4-bit) moves held-out perplexity in llama.cpp ~28% when each weight is
     rounded to nearest: past the 10% tolerance, refused with the figures. GPTQ's codes with norm gains tuned to them
