@@ -87,11 +87,11 @@ def predict(model: str = typer.Argument(..., help="run directory or model/ folde
     """Predict with a derived model: labels with probabilities (or completions for language models)."""
     from taoke.inference import load
 
+    if file is None and not inputs:   # before the model loads
+        raise DataError("give inputs to predict, or --file FILE")
     if output is not None:
         check_output(output, force)
     predictor = load(model, key=resolve_key(key_file))
-    if file is None and not inputs:
-        raise DataError("give inputs to predict, or --file FILE")
     rows = predictor.predict(predictor.read_inputs(file) if file else list(inputs))
     if output is not None:
         write_jsonl_atomic(output, rows)

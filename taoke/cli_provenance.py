@@ -47,20 +47,24 @@ def register(app: typer.Typer) -> None:
                    as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
         """Test from the weights whether B derives from A (or both share an ancestor); with --endpoint, test the
         model behind an API from its answers."""
-        from taoke.provenance.endpoint import verify_endpoint
-        from taoke.provenance.merge import merge_lines, merge_report
-        from taoke.provenance.verify import summary_lines, verify_references
-
+        if endpoint is not None and (b is not None or parent):
+            raise ModelError("with --endpoint give one model, the claimed base: taoke verify --endpoint URL A "
+                             "--control C [--control D ...]")
+        if endpoint is None and b is None:
+            raise ModelError("give two models (taoke verify A B), or one with --endpoint URL")
+        # Each path imports its engine after the checks above: an argument error answers before torch loads.
         if endpoint is not None:
-            if b is not None or parent:
-                raise ModelError("with --endpoint give one model, the claimed base: taoke verify --endpoint URL A "
-                                 "--control C [--control D ...]")
+            from taoke.provenance.endpoint import verify_endpoint
+
             res = verify_endpoint(endpoint, a, control, model=model, prompts_file=prompts, n_prompts=n_prompts,
                                   max_tokens=max_tokens, api=api, api_key=api_key, rps=rps, progress=not as_json)
-        elif b is None:
-            raise ModelError("give two models (taoke verify A B), or one with --endpoint URL")
         else:
+            from taoke.provenance.verify import verify_references
+
             res = verify_references(a, b)
+        from taoke.provenance.merge import merge_lines, merge_report
+        from taoke.provenance.verify import summary_lines
+
         if parent:
             res["merge"] = merge_report(b, [a, *parent])
         if as_json:

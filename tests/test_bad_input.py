@@ -1,5 +1,8 @@
 """Bad input: one clear message naming the key/path, exit code 2, no traceback, no complete run dir."""
 
+import subprocess
+import sys
+
 import pytest
 
 from conftest import TOPICS, run_cli
@@ -12,15 +15,17 @@ train: {{epochs: 1}}
 """
 
 
-def derive_fails(tmp_path, recipe_text, *extra):
+def derive_fails(taoke_main, tmp_path, recipe_text, *extra):
+    """`taoke derive` through the real entry point in this process (an error other than taoke's own would raise
+    here); the CLI's exit status and stderr as a subprocess sees them are checked below on a missing recipe."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(recipe_text)
     out = tmp_path / "run"
-    proc = run_cli("derive", recipe, "--out", out, "--quiet", *extra, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, _, err = taoke_main("derive", recipe, "--out", out, "--quiet", *extra)
+    assert code == 2, err
+    assert "Traceback" not in err
     assert not (out / "lineage.json").exists()
-    return proc.stderr.replace("\n", " ")
+    return err.replace("\n", " ")
 
 
 @pytest.mark.parametrize("mutate,expect", [
@@ -32,26 +37,64 @@ def derive_fails(tmp_path, recipe_text, *extra):
     (lambda r: r.replace("text-classification", "image-classification"), "cannot do image-classification"),
     (lambda r: r.replace("minilm-l6", "scratch:cnn"), "cannot do text-classification"),
 ])
-def test_bad_recipes(tmp_path, mutate, expect):
-    assert expect in derive_fails(tmp_path, mutate(GOOD))
+def test_bad_recipes(tmp_path, mutate, expect, taoke_main):
+    assert expect in derive_fails(taoke_main, tmp_path, mutate(GOOD))
 
 
-def test_unreadable_image(tmp_path):
+def test_unreadable_image(tmp_path, taoke_main):
     root = tmp_path / "imgs"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         for i in range(3):
             (root / c / f"{i}.png").write_text("not a png")
     recipe = f"name: img\nbase: scratch:cnn\ntask: image-classification\ndata: {{train: {root}}}\n"
-    assert "unreadable image" in derive_fails(tmp_path, recipe)
+    assert "unreadable image" in derive_fails(taoke_main, tmp_path, recipe)
 
 
-def test_bad_override_and_missing_recipe(tmp_path):
-    assert "--set" in derive_fails(tmp_path, GOOD, "--set", "train.lr")
-    proc = run_cli("derive", tmp_path / "nope.yaml", check=False)
-    assert proc.returncode == 2 and "recipe file not found" in proc.stderr
+def test_bad_override_and_missing_recipe(tmp_path, taoke_main):
+    assert "--set" in derive_fails(taoke_main, tmp_path, GOOD, "--set", "train.lr")
+    proc = run_cli("derive", tmp_path / "nope.yaml", check=False)   # the installed command, in its own process
+    assert proc.returncode == 2 and "recipe file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_without_inputs_says_so_before_loading(tmp_path, taoke_main):
+    code, _, err = taoke_main("predict", tmp_path)   # not a run either: the missing inputs are named first
+    assert code == 2 and "give inputs to predict, or --file FILE" in err
 
 
 def test_eval_on_non_run(tmp_path):
     proc = run_cli("eval", tmp_path, "--data", TOPICS, check=False)
     assert proc.returncode == 2 and "not a taoke run directory" in proc.stderr
+
+
+LOADED = "import sys; print(' '.join(m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules))"
+
+
+def test_recipe_errors_come_before_the_training_libraries_load(tmp_path):
+    """A wrong data path, column or base is reported before torch and transformers import (seconds on a small CPU):
+    `derive` checks the base and reads the data first."""
+    recipes = {"data file not found": GOOD.replace(str(TOPICS), "/nonexistent/data.csv"),
+               "column 'topic' (label) not found": GOOD.replace("data: {", "data: {label: topic, "),
+               "cannot do text-classification": GOOD.replace("minilm-l6", "scratch:cnn"),
+               "is not a causal language model": GOOD.replace("text-classification", "sft")}
+    for i, text in enumerate(recipes.values()):
+        (tmp_path / f"{i}.yaml").write_text(text)
+    code = ("from taoke import derive\nfrom taoke.errors import TaokeError\n"
+            f"for i in range({len(recipes)}):\n"
+            f"    try:\n        derive(r'{tmp_path}/' + f'{{i}}.yaml')\n"
+            "    except TaokeError as e:\n        print(e)\n" + LOADED)
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == len(recipes) + 1, lines
+    for expect, line in zip(recipes, lines):
+        assert expect in line
+    assert lines[-1] == ""   # none of the heavy libraries was imported
+
+
+def test_verify_argument_errors_come_before_torch_loads():
+    code = ("import sys\nfrom taoke.cli import main\n"
+            "for argv in (['verify', 'a'], ['verify', '--endpoint', 'localhost:8000', 'a', '--control', 'b']):\n"
+            "    sys.argv = ['taoke', *argv]\n    try:\n        main()\n    except SystemExit as e:\n"
+            "        print(e.code)\n" + LOADED)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines() == ["2", "2", ""], proc
+    assert "give two models" in proc.stderr and "http(s) URL" in " ".join(proc.stderr.split())

@@ -98,6 +98,7 @@ def test_lineage_draws_both_parents_with_their_weights(kin, tmp_path):
     assert node["merge"]["verdict"] == "merge"
 
 
+@pytest.mark.slow   # 55 s on SmolLM2; the tiny-model merges above cover the method
 def test_real_merge_of_smollm2_and_its_lora_variant(tmp_path):
     """Real weights: SmolLM2-135M and a LoRA-merged variant of it (peft), merged 0.4 / 0.6 by hand."""
     root = tmp_path

@@ -7,6 +7,7 @@ import json
 
 import gguf
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from gguf.quants import dequantize
@@ -53,6 +54,7 @@ def test_stored_weights_and_tuned_gains_are_what_the_file_holds(tmp_path):
     assert not any("norm" in k for k in stored)   # F32 tensors are the file's own, not a rounding
 
 
+@pytest.mark.slow   # 60 s of tuning on SmolLM2; the stored-gains test beside it stays fast
 def test_tuned_gains_bring_the_quantised_model_closer_on_held_out_text():
     """SmolLM2 rounded to Q4_0 (gguf-py's own quantizer), its gains tuned on 24 instructions, judged on 8 others."""
     from taoke.lm.load import load_causal_lm

@@ -139,6 +139,7 @@ def _verify(url, ref, controls, *extra):
     return json.loads(run_cli(*args).stdout)
 
 
+@pytest.mark.slow   # 80 s: three servers, six models; the judging is unit-tested above
 def test_served_derived_model_is_found_and_unrelated_one_is_not(zoo):
     controls = [zoo["base-1"], zoo["base-2"]]
     with Server(zoo["child-0"], "--model-name", "shell") as server:
@@ -166,7 +167,8 @@ def test_endpoint_bad_input(zoo, free_port_url="http://127.0.0.1:9/v1"):
     assert proc.returncode == 2 and "cannot reach the endpoint" in proc.stderr
     proc = failing("verify", "--endpoint", free_port_url, zoo["base-0"])
     assert proc.returncode == 2 and "at least one control" in proc.stderr
-    proc = failing("verify", "--endpoint", free_port_url, zoo["base-0"], "--control", zoo["child-0"])
+    # with --model named, the endpoint is not asked for its models: the control panel is checked before any request
+    proc = failing("verify", "--endpoint", free_port_url, zoo["base-0"], "--control", zoo["child-0"], "--model", "x")
     assert proc.returncode == 2 and "must not share REF's origin" in proc.stderr
     proc = failing("verify", "--endpoint", "127.0.0.1:8000", zoo["base-0"], "--control", zoo["base-1"])
     assert proc.returncode == 2 and "http(s) URL" in proc.stderr

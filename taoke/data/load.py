@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from datasets import load_dataset
 
 from taoke.errors import DataError, FormatError
 from taoke.files import sha256_file
@@ -67,6 +66,8 @@ def load_source(spec: str) -> Table:
 
 
 def _load_with_datasets(builder: str, path: Path, kind: str, **kwargs) -> Table:
+    from datasets import load_dataset   # imported here: it costs a second that csv, json and image data never need
+
     try:
         ds = load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets wraps parser errors in several types

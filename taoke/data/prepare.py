@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from taoke.data import image as image_ops
 from taoke.data.load import Table, load_source, require_columns
 from taoke.data.splits import check_known_labels, check_labels, check_no_empty_class, class_labels, split_frame
 from taoke.data.tabular import check_finite, fit_tabular
@@ -116,6 +115,8 @@ def _fit_inputs(recipe: Recipe, kind: str, train: pd.DataFrame) -> dict:
         size = resize.size if resize else None
         channels = resize.channels if resize else None
         norm = recipe.preprocess_step("normalize")
+        from taoke.data import image as image_ops   # torch decodes images; text and tabular checks do without it
+
         images = image_ops.load_images(train[d.image].tolist(), size, channels)
         mean, std = image_ops.channel_stats(images)
         if norm is not None and norm.mean is not None:

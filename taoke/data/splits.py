@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from taoke.data.load import Table
 from taoke.errors import DataError
@@ -43,6 +42,8 @@ def split_frame(frame: pd.DataFrame, label: str, validation: float, test: float,
 
 
 def _split(frame, label, validation, test, seed, strat) -> dict[str, pd.DataFrame]:
+    from sklearn.model_selection import train_test_split   # imported here (1.5 s): a data error is reported first
+
     parts = {}
     rest = frame
     if test > 0:

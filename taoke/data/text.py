@@ -6,8 +6,6 @@ import re
 import unicodedata
 
 import pandas as pd
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from taoke.recipe import NormalizeText
 
@@ -27,6 +25,9 @@ def normalize_text(texts: pd.Series, cfg: NormalizeText) -> pd.Series:
 
 def train_word_tokenizer(texts: list[str], vocab_size: int):
     """A word-level tokenizer for from-scratch text models, trained with HF `tokenizers`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers   # here: transformers costs
+    from transformers import PreTrainedTokenizerFast                                  # seconds, data checks none
+
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

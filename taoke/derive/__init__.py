@@ -1,8 +1,10 @@
 """`taoke derive`: load the recipe, resolve the base, and hand over to the workflow of the task family.
 
-    recipe.yaml -> base (model library) -> classification / regression workflow   (derive/classify.py)
-                                        -> language-model workflow                 (derive/language.py)
-Both end in a run directory written by taoke/run.py.
+    recipe.yaml -> base (model library) -> can the base do the task?   (derive/bases.py)
+                -> classification / regression: data read and split     (data/prepare.py), workflow (derive/classify.py)
+                -> language model:                                       workflow (derive/language.py)
+Both end in a run directory written by taoke/run.py. Everything before the workflow runs without torch, so a bad
+recipe is refused in a second or two.
 """
 
 from __future__ import annotations
@@ -50,10 +52,18 @@ def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str
         parent.check_model_files()  # derive from the parent as it was recorded, or not at all
         if parent.sealed:
             raise RecipeError(f"{base.run_dir}: the parent run is sealed; unseal it first (taoke unseal)")
+    # Each workflow imports its own libraries (seconds of torch and transformers) after the checks that need none;
+    # those checks import pandas, which the CLI's other commands do not wait for.
+    from taoke.data.prepare import prepare_data
+    from taoke.derive.bases import check_classifier_base, check_lm_base
+
     if parsed.is_lm:
-        from taoke.derive.language import derive_language_model   # each workflow loads its own libraries
+        check_lm_base(parsed, base)
+        from taoke.derive.language import derive_language_model
 
         return derive_language_model(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)
+    check_classifier_base(parsed, base)
+    plan = prepare_data(parsed)
     from taoke.derive.classify import derive_classifier
 
-    return derive_classifier(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)
+    return derive_classifier(parsed, base, plan, out, quiet=quiet, dry_run=dry_run, resume=run)

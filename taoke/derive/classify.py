@@ -22,13 +22,13 @@ from sklearn.model_selection import KFold, StratifiedKFold
 from taoke.adapt.methods import adapt
 from taoke.data.encode import encode_frame, targets_of, text_column, to_target_units
 from taoke.data.image import augment as augment_images
-from taoke.data.prepare import TASK_INPUT, DataPlan, prepare_data
+from taoke.data.prepare import DataPlan
 from taoke.data.tabular import feature_names
 from taoke.data.text import train_word_tokenizer
 from taoke.derive.card import model_card
 from taoke.derive.record import build_lineage, runtime_section
 from taoke.edit import EditResult, apply_edits, apply_post_adapt
-from taoke.errors import ModelError, RecipeError
+from taoke.errors import RecipeError
 from taoke.evaluate import baselines
 from taoke.evaluate.latency import latency_ms, row_batches
 from taoke.evaluate.metrics import confusion, metrics_from_outputs
@@ -49,10 +49,6 @@ from taoke.train.core import seed_everything
 
 console = Console(stderr=True)
 
-# Which bases can do which task (scratch architectures by input kind).
-SCRATCH_FOR = {"text": {"scratch:lstm", "scratch:gru", "scratch:transformer"},
-               "image": {"scratch:cnn", "scratch:mlp"}, "tabular": {"scratch:mlp"}}
-
 
 @dataclass
 class Built:
@@ -63,33 +59,6 @@ class Built:
     edited: EditResult
     compression: list[tuple[str, dict]] = field(default_factory=list)   # prune: before / after, measured
     teacher: torch.nn.Module | None = None                              # train.distill's teacher
-
-
-def check_base(recipe: Recipe, base: BaseRef) -> None:
-    """Fail early, naming the base, when its architecture cannot do the task."""
-    kind = TASK_INPUT[recipe.task]
-    if recipe.model and not base.is_scratch:
-        raise RecipeError("'model' sizes apply to from-scratch bases only; remove the model: block.")
-    if base.is_scratch:
-        if base.name not in SCRATCH_FOR[kind]:
-            raise ModelError(f"base '{base.name}' cannot do {recipe.task}: use one of "
-                             f"{', '.join(sorted(SCRATCH_FOR[kind]))}.")
-        return
-    if base.format == "run":
-        parent_kind = TASK_INPUT.get(base.meta.get("task"), "?")
-        if parent_kind != kind:
-            raise ModelError(f"base '{base.name}' is a {base.meta.get('task')} model; it cannot be derived into "
-                             f"{recipe.task} (its inputs are {parent_kind}, the task needs {kind}).")
-        return
-    if kind != "text":
-        raise ModelError(f"base '{base.name}' ({base.format}, {base.kind}) cannot do {recipe.task}: image and tabular "
-                         f"tasks take {', '.join(sorted(SCRATCH_FOR[kind]))} or a run directory of such a model.")
-    if base.format != "hf":
-        raise ModelError(f"base '{base.name}' is a single {base.format} file; text classification needs an "
-                         "HF-format directory (config.json + weights + tokenizer). Convert it or point to its folder.")
-    if base.kind == "causal-lm":
-        raise ModelError(f"base '{base.name}' is a causal language model; {recipe.task} takes an encoder "
-                         "(e.g. minilm-l6) or a from-scratch architecture.")
 
 
 def build_model(recipe: Recipe, base: BaseRef, plan: DataPlan, measure: bool = False) -> Built:
@@ -303,14 +272,12 @@ def describe(recipe: Recipe, base: BaseRef, built: Built, adaptation: dict, plan
         c.print("edit: " + ", ".join(f"{k}={v}" for k, v in e.items()))
 
 
-def derive_classifier(recipe: Recipe, base: BaseRef, out: str | None = None, quiet: bool = False,
+def derive_classifier(recipe: Recipe, base: BaseRef, plan: DataPlan, out: str | None = None, quiet: bool = False,
                       dry_run: bool = False, resume: Run | None = None) -> Run | None:
-    """Train and judge a classifier/regressor as the recipe says; returns the complete run (None for a dry run)."""
-    check_base(recipe, base)
-    # 1. data
+    """Train and judge a classifier/regressor as the recipe says, on `plan` (prepare_data of the recipe, made by
+    `derive` after check_classifier_base); returns the complete run (None for a dry run)."""
+    # 2. model + structure edits + adaptation (step 1, the data, is `plan`)
     seed_everything(recipe.train.seed)  # model init (new heads, scratch weights) is seeded too
-    plan = prepare_data(recipe)
-    # 2. model + structure edits + adaptation
     built = build_model(recipe, base, plan, measure=not dry_run)
     adaptation = adapt(built.model, recipe.adapt)
     apply_post_adapt(built.model, built.edited)

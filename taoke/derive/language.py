@@ -22,7 +22,7 @@ from taoke.derive.record import build_lineage, runtime_section
 from taoke.edit.layers import check_indices, drop_layers, expand_layers, kept_layers
 from taoke.edit.prune import kept_counts, prune
 from taoke.edit.vocab import expand_vocab, read_tokens
-from taoke.errors import DataError, ModelError
+from taoke.errors import DataError
 from taoke.evaluate.latency import latency_ms
 from taoke.evaluate.plots import lm_curves_png
 from taoke.evaluate.report import render_lm_report
@@ -38,7 +38,7 @@ from taoke.lm.reference import check_against_edited_base, check_against_peft_mer
 from taoke.lm.train import evaluate_lm, train_lm
 from taoke.models.parts import count_parameters, find_stack, unwrap
 from taoke.models.widths import blocks, head_shape
-from taoke.recipe import LM_TASKS, Recipe, recipe_to_yaml
+from taoke.recipe import Recipe, recipe_to_yaml
 from taoke.run import Run
 from taoke.train.checkpoint import checkpoint_position
 from taoke.train.core import seed_everything
@@ -46,17 +46,6 @@ from taoke.train.core import seed_everything
 console = Console(stderr=True)
 # Parity prompts where the data has none of its own (continued pretraining, DPO): short chat turns.
 PARITY_PROMPTS = ["What is a computer?", "Tell me a joke.", "How do I reset my password?"]
-
-
-def check_base(recipe: Recipe, base: BaseRef) -> None:
-    """Fail early, naming the base, when it is not a pretrained causal LM."""
-    if base.is_scratch:
-        raise ModelError(f"{recipe.task} needs a pretrained causal LM base (e.g. smollm2-135m), not {base.name}.")
-    parent_task = (base.lineage or {}).get("task") if base.is_run else None
-    if base.kind not in ("causal-lm", "task-model") or (base.format == "run" and
-                                                         (parent_task or base.meta.get("task")) not in LM_TASKS):
-        raise ModelError(f"base '{base.name}' is not a causal language model; {recipe.task} needs one "
-                         "(e.g. smollm2-135m, an HF causal-LM directory, or a run of such a model).")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -230,11 +219,10 @@ def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None,
     """Train and judge a causal LM as the recipe says; returns the complete run (None for a dry run). `resume`
     continues a killed run from its last checkpoint: everything before training is deterministic and runs
     again, training picks up where the checkpoint left it."""
-    check_base(recipe, base)
+    train_items, held_items, files = read_examples(recipe)   # a data error fails before the model loads
     model, tok = load_causal_lm(base, device=recipe.train.device)
     if recipe.lm.chat_template or recipe.task in ("sft", "dpo"):
         set_chat_template(tok, recipe.lm.chat_template)
-    train_items, held_items, files = read_examples(recipe)
     check_edits(recipe, model)  # a bad edit fails now, not after the base evaluation
     if dry_run:
         edits, train_only = apply_edits(recipe, model, tok, train_items)

@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from taoke.errors import ModelError
 
@@ -150,11 +149,12 @@ def ask_endpoint(url: str, prompts: list[str], *, model: str, max_tokens: int = 
 
 # ---------------------------------------------------------------------------------------------- answering
 
-@torch.no_grad()
 def local_answers(model, tokenizer, prompts: list[str], *, max_tokens: int = 32, api: str = "chat",
                   batch_size: int = 8) -> list[str]:
     """Greedy answers of a local model, prompted as the endpoint is: the chat template for `chat` (the raw prompt
     when the model has none), the raw prompt for `completions`, exactly as `taoke serve` tokenizes them."""
+    import torch   # imported here: the argument checks and the judging need none of it (generate takes no grads)
+
     device = next(model.parameters()).device
     model.eval()
     chat = api == "chat" and bool(tokenizer.chat_template)
@@ -335,8 +335,8 @@ def verify_endpoint(url: str, ref: str, controls: list[str], *, model: str | Non
         raise ModelError(f"'{ref}' is both REF and a control; a control must be a model unrelated to REF")
     t0 = time.perf_counter()
     prompts = load_prompts(prompts_file, n_prompts)
+    model = model or endpoint_model(url, api_key)   # an unreachable endpoint fails before any model loads
     panel = check_panel(ref, controls) if panel_check else []
-    model = model or endpoint_model(url, api_key)
     endpoint = ask_endpoint(url, prompts, model=model, max_tokens=max_tokens, api=api, api_key=api_key, rps=rps,
                             concurrency=concurrency, progress=progress)
     reference, tok = answers_of(ref, prompts, max_tokens=max_tokens, api=api)
