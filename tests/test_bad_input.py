@@ -28,6 +28,10 @@ def derive_fails(taoke_main, tmp_path, recipe_text, *extra):
     return err.replace("\n", " ")
 
 
+def as_sft(recipe: str) -> str:
+    return recipe.replace("minilm-l6", "smollm2-135m").replace("text-classification", "sft")
+
+
 # (a recipe broken in one place, what the error must say)
 BAD_RECIPES = [
     (lambda r: r.replace("train: {epochs: 1}", "train: {epoch: 1}"), "Did you mean 'train.epochs'"),
@@ -38,6 +42,8 @@ BAD_RECIPES = [
     (lambda r: r.replace("text-classification", "image-classification"), "cannot do image-classification"),
     (lambda r: r.replace("minilm-l6", "scratch:cnn"), "cannot do text-classification"),
     (lambda r: r.replace("text-classification", "sft"), "is not a causal language model"),
+    (lambda r: as_sft(r).replace(str(TOPICS), "/nonexistent/chat.jsonl"), "/nonexistent/chat.jsonl: data file not found"),
+    (as_sft, "topics.csv:1: not valid JSON"),   # a CSV given as chat data: the file and line are named
 ]
 
 
@@ -89,6 +95,17 @@ def test_recipe_errors_come_before_the_training_libraries_load(tmp_path):
     for (_, expect), line in zip(BAD_RECIPES, lines):
         assert expect in line
     assert lines[-1] == ""   # none of the heavy libraries was imported
+
+
+def test_model_path_errors_come_before_torch_loads(tmp_path):
+    """`eval` and `predict` on a folder that is not a run say so without loading the model stack."""
+    code = ("import sys\nfrom taoke.cli import main\n"
+            f"for argv in (['eval', r'{tmp_path}', '--data', r'{TOPICS}'], ['predict', r'{tmp_path}', 'hi']):\n"
+            "    sys.argv = ['taoke', *argv]\n    try:\n        main()\n    except SystemExit as e:\n"
+            "        print(e.code)\n" + LOADED)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines() == ["2", "2", ""], proc
+    assert " ".join(proc.stderr.split()).count("not a taoke run directory") == 2, proc.stderr
 
 
 def test_verify_argument_errors_come_before_torch_loads():

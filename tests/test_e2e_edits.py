@@ -88,7 +88,8 @@ def test_freeze_method(tmp_path):
 def test_lora_merged_equals_adapter(tmp_path):
     from taoke.data.encode import encode_frame
     from taoke.inference import load
-    from taoke.models.task_model import load_adapter_model, load_task_model, read_meta
+    from taoke.models.meta import read_meta
+    from taoke.models.task_model import load_adapter_model, load_task_model
     from taoke.train.classifier import predict
 
     out, lin = derive("adapt-lora", tmp_path, "--set", "train.epochs=4")

@@ -52,16 +52,21 @@ def derive(recipe: str | Path | Recipe | dict | None = None, overrides: list[str
         parent.check_model_files()  # derive from the parent as it was recorded, or not at all
         if parent.sealed:
             raise RecipeError(f"{base.run_dir}: the parent run is sealed; unseal it first (taoke unseal)")
-    # Each workflow imports its own libraries (seconds of torch and transformers) after the checks that need none;
-    # those checks import pandas, which the CLI's other commands do not wait for.
-    from taoke.data.prepare import prepare_data
+    # Each workflow imports its own libraries (seconds of torch and transformers) after the checks that need none:
+    # the base, then the data. The classifiers' data stage imports pandas, which the CLI's other commands do not
+    # wait for.
     from taoke.derive.bases import check_classifier_base, check_lm_base
 
     if parsed.is_lm:
+        from taoke.data.lm_examples import read_examples
+
         check_lm_base(parsed, base)
+        examples = read_examples(parsed)
         from taoke.derive.language import derive_language_model
 
-        return derive_language_model(parsed, base, out, quiet=quiet, dry_run=dry_run, resume=run)
+        return derive_language_model(parsed, base, examples, out, quiet=quiet, dry_run=dry_run, resume=run)
+    from taoke.data.prepare import prepare_data
+
     check_classifier_base(parsed, base)
     plan = prepare_data(parsed)
     from taoke.derive.classify import derive_classifier

@@ -22,14 +22,12 @@ from taoke.derive.record import build_lineage, runtime_section
 from taoke.edit.layers import check_indices, drop_layers, expand_layers, kept_layers
 from taoke.edit.prune import kept_counts, prune
 from taoke.edit.vocab import expand_vocab, read_tokens
-from taoke.errors import DataError
 from taoke.evaluate.latency import latency_ms
 from taoke.evaluate.plots import lm_curves_png
 from taoke.evaluate.report import render_lm_report
 from taoke.files import sha256_bytes, sha256_file, write_json_atomic
 from taoke.library import BaseRef
-from taoke.lm.data import (IGNORE, encode_conversations, encode_documents, read_conversations, read_dpo_pairs,
-                           read_text_documents, set_chat_template)
+from taoke.lm.data import IGNORE, encode_conversations, encode_documents, set_chat_template
 from taoke.lm.dpo import encode_pairs, evaluate_dpo, train_dpo
 from taoke.lm.generate import generate_eval
 from taoke.lm.load import load_adapter_run, load_causal_lm
@@ -49,41 +47,6 @@ PARITY_PROMPTS = ["What is a computer?", "Tell me a joke.", "How do I reset my p
 
 
 # ---------------------------------------------------------------------------------------------- data
-
-def split_items(items: list, test: float, seed: int) -> tuple[list, list]:
-    """Seeded train / held-out split of raw examples."""
-    idx = list(range(len(items)))
-    random.Random(seed).shuffle(idx)
-    n_held = max(1, int(round(len(items) * test)))
-    if len(items) - n_held < 1:
-        raise DataError(f"{len(items)} examples are too few to hold out {test:.0%} for evaluation.")
-    held = set(idx[:n_held])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def read_examples(recipe: Recipe) -> tuple[list, list, dict[str, list[Path]]]:
-    """Raw examples of the task from data.train (and data.test), split into train / held-out; and the files."""
-    d = recipe.data
-    path = Path(d.train)
-    if not path.exists():
-        raise DataError(f"{d.train}: data file not found. Check data.train in the recipe.")
-    if recipe.task == "causal-lm":
-        files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"{d.train}: folder has no .txt files for continued pretraining.")
-        reader = lambda p: read_text_documents(p, recipe.lm.separator)  # noqa: E731
-    elif recipe.task == "sft":
-        files, reader = [path], read_conversations
-    else:
-        files, reader = [path], read_dpo_pairs
-    items = [x for f in files for x in reader(f)]
-    if d.max_rows and len(items) > d.max_rows:
-        items = random.Random(d.split.seed).sample(items, d.max_rows)
-    if d.test:
-        return items, reader(d.test), {"train": files, "test": [Path(d.test)]}
-    train, held = split_items(items, d.split.test or 0.1, d.split.seed)
-    return train, held, {"train": files}
-
 
 def encode(recipe: Recipe, tok, items: list) -> list[dict]:
     n = recipe.lm.seq_len
@@ -214,12 +177,13 @@ def independent_references(recipe: Recipe, base: BaseRef, trained, edits: list[d
 
 # ---------------------------------------------------------------------------------------------- the workflow
 
-def derive_language_model(recipe: Recipe, base: BaseRef, out: str | None = None, quiet: bool = False,
-                          dry_run: bool = False, resume: Run | None = None) -> Run | None:
+def derive_language_model(recipe: Recipe, base: BaseRef, examples: tuple[list, list, dict[str, list[Path]]],
+                          out: str | None = None, quiet: bool = False, dry_run: bool = False,
+                          resume: Run | None = None) -> Run | None:
     """Train and judge a causal LM as the recipe says; returns the complete run (None for a dry run). `resume`
     continues a killed run from its last checkpoint: everything before training is deterministic and runs
     again, training picks up where the checkpoint left it."""
-    train_items, held_items, files = read_examples(recipe)   # a data error fails before the model loads
+    train_items, held_items, files = examples   # read by data/lm_examples.py, before the model stack loaded
     model, tok = load_causal_lm(base, device=recipe.train.device)
     if recipe.lm.chat_template or recipe.task in ("sft", "dpo"):
         set_chat_template(tok, recipe.lm.chat_template)

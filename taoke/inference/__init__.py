@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 from taoke.errors import ModelError
 from taoke.formats.sealed import SUFFIX as SEALED_SUFFIX
-from taoke.inference.sealed import sealed_state
-from taoke.models.task_model import read_meta
+from taoke.models.meta import read_meta
 from taoke.recipe import LM_TASKS
 from taoke.run import Run
 
@@ -40,6 +39,8 @@ def load(ref: str | Path, device: str | None = None, key: bytes | None = None
     model_dir, run = locate(ref)
     state = None
     if run is not None:
+        from taoke.inference.sealed import sealed_state   # imports torch: after the cheap checks above
+
         run.check_model_files()
         state = sealed_state(run, key)
     elif any(model_dir.rglob("*" + SEALED_SUFFIX)):

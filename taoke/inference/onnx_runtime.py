@@ -19,7 +19,8 @@ import torch
 from taoke.errors import ModelError
 from taoke.hardware import pick_device
 from taoke.inference.task import TaskPredictor
-from taoke.models.task_model import read_meta, saved_tokenizer
+from taoke.models.meta import read_meta
+from taoke.models.task_model import saved_tokenizer
 from taoke.run import Run
 from taoke.train.batches import Encoded, batch_indices
 

@@ -13,7 +13,8 @@ from taoke.data.load import load_source
 from taoke.errors import DataError, ModelError
 from taoke.evaluate.metrics import metrics_from_outputs
 from taoke.hardware import pick_device
-from taoke.models.task_model import load_task_model, read_meta
+from taoke.models.meta import read_meta
+from taoke.models.task_model import load_task_model
 from taoke.run import Run
 from taoke.train.batches import Encoded, to_device
 from taoke.train.classifier import predict

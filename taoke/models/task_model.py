@@ -23,19 +23,17 @@ from transformers.utils import logging as hf_logging
 
 from taoke.version import __version__
 from taoke.errors import FormatError, ModelError, RecipeError
-from taoke.files import atomic_path, read_json_object, write_json_atomic
+from taoke.files import atomic_path, write_json_atomic
 from taoke.formats import check_model_dir, hf_config
 from taoke.formats.safetensors_io import read_header
 from taoke.library import resolve
 from taoke.models import scratch
+from taoke.models.meta import META_FILE, read_meta
 from taoke.models.scratch import build_scratch
 from taoke.models.tokenizer import load_tokenizer
 from taoke.models.widths import resize_bert_attention
 
 HEAD_ATTRS = ("classifier", "score", "head")
-SCRATCH_ARCHS = ("cnn", "mlp", "lstm", "gru", "transformer")
-LM_ARCHS = ("hf-causal-lm", "gguf")   # language-model runs and their GGUF exports (derive/language.py, ship/)
-META_FILE = "taoke.json"
 
 
 class HFClassifier(nn.Module):
@@ -176,22 +174,6 @@ def save_task_model(model: nn.Module, out_dir: Path, meta: dict, tokenizer=None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     write_json_atomic(out_dir / META_FILE, meta)
-
-
-def read_meta(model_dir: Path) -> dict:
-    meta_path = Path(model_dir) / META_FILE
-    if not meta_path.exists():
-        raise ModelError(f"{model_dir}: no {META_FILE}; this is not a taoke task model. "
-                         "Give a run directory (runs/<name>-<time>) or its model/ folder.")
-    meta = read_json_object(meta_path, META_FILE)
-    arch = meta.get("arch")
-    known = arch in ("hf", *LM_ARCHS) or (isinstance(arch, str) and arch.startswith("scratch:")
-                                          and arch.split(":", 1)[1] in SCRATCH_ARCHS)
-    if not isinstance(meta.get("task"), str) or not known:
-        raise FormatError(f"{meta_path}: 'task' and 'arch' (hf, {', '.join(LM_ARCHS)} or "
-                          f"scratch:<{'|'.join(SCRATCH_ARCHS)}>) are required; got task "
-                          f"{str(meta.get('task'))[:40]!r}, arch {str(arch)[:40]!r}")
-    return meta
 
 
 def _stored_elements(weights: Path) -> int:

@@ -24,7 +24,8 @@ from taoke.inference.onnx_runtime import RUNTIME, OnnxPredictor
 from taoke.inference.task import TaskPredictor
 from taoke.lm.merge import ParityError
 from taoke.models.parts import count_parameters
-from taoke.models.task_model import HFClassifier, load_task_model, read_meta
+from taoke.models.meta import read_meta
+from taoke.models.task_model import HFClassifier, load_task_model
 from taoke.run import Run
 from taoke.ship.onnx import export_onnx, quantize_int8
 from taoke.train.batches import Encoded

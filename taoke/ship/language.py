@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM
 
-from taoke.derive.language import calibration_batches, encode, read_examples
+from taoke.data.lm_examples import read_examples
+from taoke.derive.language import calibration_batches, encode
 from taoke.errors import DataError, ModelError
 from taoke.files import sha256_file, write_json_atomic, write_text_atomic
 from taoke.lm.data import IGNORE
