@@ -71,13 +71,16 @@ def sft(module_tmp):
 
 
 def test_sft_to_gguf_runs_in_llama_cpp_and_is_verified(sft, taoke_main):
-    code, out, err = taoke_main("export", sft / "sft", "--format", "gguf", "--quant", "Q8_0", "--json")
+    """F16, not Q8_0: how far llama.cpp's Q8_0 kernels move this 4-step fixture depends on the CPU (its held-out
+    perplexity 2.14% from taoke's on an AVX512-VNNI EPYC, past the 2% the check allows, where the AVX2 and AMX
+    machines passed); F16 was 0.03% from it there."""
+    code, out, err = taoke_main("export", sft / "sft", "--format", "gguf", "--quant", "F16", "--json")
     assert code == 0, err
     lin = json.loads(out)
     p = lin["export"]["parity"]
-    assert p["tokenization_identical"] and p["perplexity"]["relative_gap"] < 0.02
+    assert p["tokenization_identical"] and p["perplexity"]["relative_gap"] < 0.01
     assert p["greedy"]["share_with_near_ties"] >= 0.75 and p["transformers"]["loaded"]
-    exp = sft / "sft-gguf-q8_0"
+    exp = sft / "sft-gguf-f16"
     assert (exp / "model" / "Modelfile").read_text().startswith("# Ollama")
     assert ModelCard.load(exp / "model" / "README.md").data.base_model_relation == "quantized"
     assert lin["relation"] == "quantized" and lin["parents"][0]["name"] == "sft-lora"
