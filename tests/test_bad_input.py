@@ -42,7 +42,8 @@ BAD_RECIPES = [
     (lambda r: r.replace("text-classification", "image-classification"), "cannot do image-classification"),
     (lambda r: r.replace("minilm-l6", "scratch:cnn"), "cannot do text-classification"),
     (lambda r: r.replace("text-classification", "sft"), "is not a causal language model"),
-    (lambda r: as_sft(r).replace(str(TOPICS), "/nonexistent/chat.jsonl"), "/nonexistent/chat.jsonl: data file not found"),
+    (lambda r: as_sft(r).replace(str(TOPICS), "/nonexistent/chat.jsonl"),
+     "/nonexistent/chat.jsonl: data file not found"),
     (as_sft, "topics.csv:1: not valid JSON"),   # a CSV given as chat data: the file and line are named
 ]
 
