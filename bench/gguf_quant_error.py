@@ -69,8 +69,8 @@ def main() -> None:
     from taoke.run import Run
     from taoke.ship.gguf import same_grid_note, write_gguf
     from taoke.ship.export import GPTQ_EXAMPLES
-    from taoke.ship.language import gptq_calibration, held_out, held_out_logprobs, perplexity
-    from taoke.ship.llamacpp import run_llamacpp
+    from taoke.ship.language import gptq_calibration, held_out, held_out_logprobs, perplexity, run_splits
+    from taoke.ship.llamacpp import cpu_features, run_llamacpp
 
     run = args.run or ROOT / "runs" / "bench-sft"
     if not taoke.Run.is_run(run):
@@ -78,7 +78,8 @@ def main() -> None:
     parent = Run(run)
     model, tok = load_causal_lm(parent.model_dir, device="cpu")
     model.eval()
-    held = held_out(parent, tok, max_prompts=1, max_positions=1024)
+    splits = run_splits(parent, "the bench scores the run's held-out split; restore the run's data.")
+    held = held_out(splits, tok, max_prompts=1, max_positions=1024)
     with torch.no_grad():
         ref = perplexity(held_out_logprobs(model, held.rows))
     base_ref = parent.lineage["base"].get("reference") or parent.lineage["base"]["name"]
@@ -105,7 +106,7 @@ def main() -> None:
             quant = label.split()[0]
             blocks = gains = None
             if "GPTQ" in label:   # the export's own path: `taoke export --quant Q4_0 --gptq`, once for both rows
-                calibrated = calibrated or gptq_calibration(parent, model, tok, GPTQ_EXAMPLES)
+                calibrated = calibrated or gptq_calibration(splits, model, tok, GPTQ_EXAMPLES)
                 blocks, gains, how = calibrated
                 if label.endswith("codes only"):
                     gains = None
@@ -119,7 +120,7 @@ def main() -> None:
             counts = write_gguf(model, tok, parent.model_dir, path, quant, name=parent.name, q4_0_blocks=blocks,
                                 replaced=gains)
             ans = run_llamacpp(path, nll=[{"ids": r["input_ids"], "positions": r["positions"]} for r in held.rows])
-            versions = ans["versions"]
+            versions = {**ans["versions"], "cpu_features": " ".join(cpu_features(ans.get("system_info")))}
             llama = perplexity([x for row in ans["nll"] for x in row])
             hf = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name, dtype=torch.float32).eval()
             with torch.no_grad():

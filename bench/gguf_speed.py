@@ -51,9 +51,10 @@ def ensure(run: Path | None) -> tuple[Path, dict[str, Path]]:
 
 
 def prompt_shapes(run: Path, tok) -> dict[str, list[list[int]]]:
-    from taoke.ship.language import held_out
+    from taoke.ship.language import held_out, run_splits
 
-    held = held_out(taoke_run(run), tok, max_prompts=6, max_positions=1)
+    splits = run_splits(taoke_run(run), "the bench's prompts come from the run's held-out split; restore its data.")
+    held = held_out(splits, tok, max_prompts=6, max_positions=1)
     history = tok.decode([t for p in held.prompts for t in p])[-1600:]
     long = [tok(history, add_special_tokens=False)["input_ids"][-400:] + p for p in held.prompts]
     return {"held-out prompts": held.prompts, "long (+400 tokens of dialog)": long}

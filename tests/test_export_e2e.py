@@ -88,6 +88,24 @@ def test_sft_to_gguf_runs_in_llama_cpp_and_is_verified(sft, taoke_main):
     assert json.loads(out)["verdict"] == "derived"
 
 
+def test_export_refuses_a_run_whose_data_changed_before_loading_it(sft, tmp_path, taoke_main):
+    """The check and GPTQ rebuild the run's splits from its data: a changed file is named and nothing is written."""
+    import shutil
+    run = tmp_path / "sft"
+    shutil.copytree(sft / "sft", run)
+    lin = read_json(run / "lineage.json")
+    original = Path(lin["data"]["files"]["train"][0]["path"])
+    changed = tmp_path / original.name
+    changed.write_bytes(original.read_bytes().rstrip(b"\n") + b" \n")
+    lin["data"]["files"]["train"][0]["path"] = str(changed)
+    (run / "lineage.json").write_text(json.dumps(lin))
+    code, _, err = taoke_main("export", run, "--format", "gguf", "--quant", "Q4_0", "--gptq")
+    err = " ".join(err.split())
+    assert code == 2 and f"{changed}: missing or changed since the run" in err, err
+    assert "--no-check" in err and "without --gptq" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([original.name, "sft"])
+
+
 def q4_0_gap(taoke_main, run: Path, out: Path, *extra: str) -> float:
     """llama.cpp's held-out perplexity gap of a Q4_0 export: from its lineage when the check accepted it, from the
     one-line refusal (nothing left behind) when it did not."""

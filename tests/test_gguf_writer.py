@@ -1,6 +1,8 @@
 """The GGUF writer against the real consumers: gguf-py's reader, transformers' GGUF loader and llama.cpp
 (node-llama-cpp). A tiny LLaMA with SmolLM2's tokenizer (plus added tokens) keeps it fast."""
 
+from pathlib import Path
+
 import numpy as np
 import gguf
 import pytest
@@ -9,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from taoke.errors import ModelError
 from taoke.ship.gguf import bpe_pre_name, permute_qk, write_gguf
-from taoke.ship.llamacpp import REPO_MODULES, run_llamacpp
+from taoke.ship.llamacpp import REPO_MODULES, cpu_features, run_llamacpp
 from taoke.formats.gguf_io import unpermute_qk
 from tests.lm_helpers import smollm_tokenizer, tiny_llama
 
@@ -90,6 +92,16 @@ def test_llama_cpp_tokenizes_and_continues_like_the_model(tiny, tmp_path):
     assert ans["greedy"][0] == ref[:len(ans["greedy"][0])] and len(ans["greedy"][0]) >= 1
     want = logp[torch.arange(len(ids[0]) - 1), x[0, 1:]]
     assert torch.allclose(torch.tensor(ans["nll"][0], dtype=torch.float32), want, atol=1e-2)  # llama.cpp keeps an f16 KV cache
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").is_file() else set()
+    if "sse3" in flags or "pni" in flags:   # an x86 machine: the kernels llama.cpp picked match what the CPU has
+        assert ("AVX2" in cpu_features(ans["system_info"])) == ("avx2" in flags), ans["system_info"]
+        assert ("AVX512" in cpu_features(ans["system_info"])) == ("avx512f" in flags), ans["system_info"]
+
+
+def test_cpu_features_are_read_from_llama_cpp_system_info():
+    info = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | LLAMAFILE = 1 | REPACK = 1 | "
+    assert cpu_features(info) == ["SSE3", "AVX2", "LLAMAFILE", "REPACK"]
+    assert cpu_features(None) == []
 
 
 @needs_llama

@@ -218,6 +218,9 @@ def _figures(lineage: dict, rows: list[tuple[str, dict]], metrics: list[str]) ->
                 f"{p['perplexity']['taoke']:.4f} ({p['perplexity']['relative_gap']:.2%} apart, tolerance "
                 f"{p['perplexity']['tolerance']:.0%}); transformers' GGUF reader "
                 f"{p['transformers']['perplexity']:.4f} on the first {p['transformers']['tokens']} tokens."]
+        if p["llama_cpp"].get("cpu_features"):
+            # quantised matmuls round differently on each CPU's kernels: say which ones produced these figures
+            out += [f"llama.cpp ran on CPU kernels using {', '.join(p['llama_cpp']['cpu_features'])}."]
     elif "max_abs_logit_diff" in p:
         out += ["", f"Whole test split ({p['rows']} rows): max |Δ output| {p['max_abs_logit_diff']:.3g}, predicted "
                     f"labels agree on {p['label_agreement']:.2%}."]

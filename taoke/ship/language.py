@@ -34,7 +34,7 @@ from taoke.recipe import Recipe, load_recipe
 from taoke.run import Run, base_chain
 from taoke.ship.gguf import check_config, same_grid_note, stored_weights, write_gguf
 from taoke.ship.gptq import DAMP, SCALE_SEARCH, gptq_blocks
-from taoke.ship.llamacpp import run_llamacpp
+from taoke.ship.llamacpp import cpu_features, run_llamacpp
 from taoke.ship.norm_tweak import EPOCHS as NORM_EPOCHS, LR as NORM_LR, tweak_norms
 from taoke.ship.ollama import modelfile
 
@@ -65,6 +65,13 @@ def check_lm_run(parent: Run, fmt: str) -> None:
         check_config(AutoConfig.from_pretrained(model_dir))
 
 
+@dataclass
+class RunSplits:
+    recipe: Recipe
+    train: list
+    held: list
+
+
 def check_data_files(parent: Run, needed_for: str) -> None:
     """Refuse when the run's data files are missing or changed: its splits could not be rebuilt as they were."""
     for split, files in (parent.lineage.get("data", {}).get("files") or {}).items():
@@ -75,12 +82,18 @@ def check_data_files(parent: Run, needed_for: str) -> None:
                                 f" {needed_for}")
 
 
-def held_out(parent: Run, tok, max_prompts: int, max_positions: int, prompt_tokens: int = 32) -> HeldOut:
-    """The run's held-out examples, split again from its recipe; refuses when the data files changed."""
+def run_splits(parent: Run, needed_for: str) -> RunSplits:
+    """The run's training and held-out examples, split again from its recipe exactly as the run split them (read
+    once per export); refuses when the data files changed since the run."""
     recipe: Recipe = load_recipe(parent.recipe_path)
-    check_data_files(parent, "the held-out split cannot be rebuilt for the export check. Restore it, or export with "
-                             "--no-check.")
-    _, held, _ = read_examples(recipe)
+    check_data_files(parent, needed_for)
+    train, held, _ = read_examples(recipe)
+    return RunSplits(recipe, train, held)
+
+
+def held_out(splits: RunSplits, tok, max_prompts: int, max_positions: int, prompt_tokens: int = 32) -> HeldOut:
+    """The run's held-out prompts and the scored rows of its held-out examples."""
+    recipe, held = splits.recipe, splits.held
     if recipe.task == "sft":
         convs = held[:max_prompts]
         msgs = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
@@ -218,9 +231,11 @@ def check_gguf(gguf: Path, model, tok, held: HeldOut, quant: str, n_new: int = 3
     gap = abs(ppl_llama - ppl_ref) / ppl_ref
     greedy = compare_greedy(ref_greedy, ans["greedy"], AGREE_TOKENS,
                             near_tie_rule(model, held.prompts, ref_greedy, ans["greedy"], noise))
+    kernels = cpu_features(ans.get("system_info"))
     if gap > PPL_TOLERANCE[quant]:
         problems.append(f"held-out perplexity {ppl_llama:.4f} in llama.cpp vs {ppl_ref:.4f} in taoke "
-                        f"({gap:.2%} apart; {quant} allows {PPL_TOLERANCE[quant]:.0%})")
+                        f"({gap:.2%} apart; {quant} allows {PPL_TOLERANCE[quant]:.0%}; llama.cpp's CPU kernels here: "
+                        f"{', '.join(kernels) or 'unknown'})")
     strict = quant in ("F32", "F16", "BF16", "Q8_0")
     if strict and greedy["share_with_near_ties"] < AGREE_SHARE:
         problems.append(f"greedy continuations agree on the first {AGREE_TOKENS} tokens for only "
@@ -242,7 +257,7 @@ def check_gguf(gguf: Path, model, tok, held: HeldOut, quant: str, n_new: int = 3
                    f"{AGREE_TOKENS} tokens or part at a near tie" if strict else "reported only (4/5-bit quantisation)",
                    "near_tie_nats": noise},
         "transformers": hf,
-        "llama_cpp": {"versions": ans["versions"], "seconds": ans["seconds"],
+        "llama_cpp": {"versions": ans["versions"], "cpu_features": kernels, "seconds": ans["seconds"],
                       "generation_tokens_per_s": ans["generated_tokens"] / max(ans["seconds"]["greedy"], 1e-9),
                       "tokenizer_pre": ans["metadata"].get("tokenizer_pre")},
         "samples": [{"prompt": t[-160:], "taoke": tok.decode(a), "llama.cpp": tok.decode(b)}
@@ -267,14 +282,11 @@ def transformers_gguf_check(gguf: Path, held: HeldOut, ref_lp: list[float]) -> d
             "perplexity_gap": abs(ppl - ppl_ref) / ppl_ref, "tokens": len(lp)}
 
 
-def gptq_calibration(parent: Run, model, tok, examples: int) -> tuple[dict, dict, dict]:
+def gptq_calibration(splits: RunSplits, model, tok, examples: int) -> tuple[dict, dict, dict]:
     """GPTQ's Q4_0 blocks for the run's model and the norm gains tuned to them (norm_tweak.py), both measured on
     `examples` of its training split (never the held-out rows the check scores); returns (blocks, gains, what
     lineage records of how they were chosen)."""
-    check_data_files(parent, "the training split GPTQ calibrates on cannot be rebuilt. Restore it, or export "
-                             "without --gptq.")
-    recipe: Recipe = load_recipe(parent.recipe_path)
-    train, _, _ = read_examples(recipe)
+    recipe, train = splits.recipe, splits.train
     sample = random.Random(recipe.train.seed).sample(train, min(examples, len(train)))
     start = time.perf_counter()
     with Progress(console=console, transient=True) as bar:
@@ -302,18 +314,23 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
                     max_prompts: int = 12, max_positions: int = 1024, gptq: int = 0) -> dict:
     """Write the export's model/ and check it; returns what lineage records (files, parity, tensor types).
     gptq > 0: Q4_0 codes chosen by GPTQ on that many training examples."""
+    splits = None   # read before the model loads: changed data is refused in a second, not after a minute
+    if gptq or (check and fmt == "gguf"):
+        splits = run_splits(parent, "the run's splits cannot be rebuilt for " + " and ".join(
+            (["the export check (or export with --no-check)"] if check else []) +
+            (["GPTQ's calibration (or export without --gptq)"] if gptq else [])) + ". Restore the data.")
     model, tok = load_causal_lm(parent.model_dir, device="cpu")   # fp32, adapters merged in memory
     model.eval()
     lin = parent.lineage
     name = lin.get("name") or parent.name
     result: dict = {"parameters": count_parameters(model)[0]}
-    held = held_out(parent, tok, max_prompts, max_positions) if check and fmt == "gguf" else None
+    held = held_out(splits, tok, max_prompts, max_positions) if check and fmt == "gguf" else None
     model_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "gguf":
         fname = f"{name}-{quant}.gguf"
         blocks = gains = None
         if gptq:
-            blocks, gains, result["quantization"] = gptq_calibration(parent, model, tok, gptq)
+            blocks, gains, result["quantization"] = gptq_calibration(splits, model, tok, gptq)
         console.print(f"writing {fname} ({quant})")
         result["tensor_types"] = write_gguf(model, tok, parent.model_dir, model_dir / fname, quant, name=name,
                                             license=lin.get("license"), base=lin.get("root_base"),
@@ -344,14 +361,13 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
             "format": "taoke-task-model", "task": lin["task"], "arch": "hf-causal-lm", "adapter": None,
             "export": {"runtime": "transformers", "dtype": quant or "F32"}, "chat_template": bool(tok.chat_template)})
         if check:
-            msgs = _prompt_messages(parent, max_prompts=3)
+            msgs = _prompt_messages(load_recipe(parent.recipe_path), max_prompts=3)
             result["parity"] = parity_check(model_dir, model, tok, msgs)
             result["parity"]["reference"] = "the run's model in PyTorch vs a plain transformers reload of the export"
     return result
 
 
-def _prompt_messages(parent: Run, max_prompts: int) -> list:
-    recipe = load_recipe(parent.recipe_path)
+def _prompt_messages(recipe: Recipe, max_prompts: int) -> list:
     _, held, _ = read_examples(recipe)
     if recipe.task == "sft":
         return [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in held[:max_prompts]]

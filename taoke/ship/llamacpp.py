@@ -58,3 +58,9 @@ def run_llamacpp(gguf: Path, *, tokenize: list[str] = (), greedy: list[dict] = (
         return json.loads(proc.stdout)
     except json.JSONDecodeError:
         raise ModelError(f"{gguf}: unreadable answer from the llama.cpp check: {proc.stdout[:200]!r}") from None
+
+
+def cpu_features(system_info: str | None) -> list[str]:
+    """The CPU features llama.cpp's kernels use, from its system info ("CPU : AVX2 = 1 | AVX512 = 0 | ...")."""
+    parts = (part.partition("=") for part in (system_info or "").split("|"))
+    return [name.rsplit(":", 1)[-1].strip() for name, _, on in parts if on.strip() == "1"]

@@ -23,6 +23,8 @@ const context = await model.createContext({contextSize: Math.min(longest + 8, mo
 const sequence = context.getSequence();
 const answer = {
     versions: {"node-llama-cpp": pkg.version, "llama.cpp": llama.llamaCppRelease?.release ?? null},
+    // which CPU kernels ran (e.g. "AVX2 = 1 | AVX512 = 1 | ..."): quantised matmuls round differently on each
+    system_info: llama.systemInfo,
     metadata: {
         architecture: model.fileInfo.metadata.general?.architecture,
         chat_template: model.fileInfo.metadata.tokenizer?.chat_template ?? null,
