@@ -150,10 +150,9 @@ def test_engine_reuses_a_shared_prompt_prefix_and_still_generates_what_the_model
     def shared(a, b):
         return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
-    # the first prompt is prefilled in full; each other one of its kind reuses the most it shares with an earlier
-    # one (the history and the word 'question'), the repeat all but its last token; the short one shares only 40
-    # tokens, under the reuse minimum
-    expected = sum(max(shared(prompts[i], prompts[j]) for j in range(i)) for i in range(1, 5)) + len(prompts[0]) - 1
+    # the first prompt is prefilled in full; each other one reuses the most it shares with an earlier one (the
+    # history and the word 'question'; the short one its first 40 tokens), the repeat all but its last token
+    expected = sum(max(shared(prompts[i], prompts[j]) for j in range(i)) for i in range(1, 6)) + len(prompts[0]) - 1
     assert expected > 4 * len(history) and metrics.prefix_tokens._value.get() == expected
 
     off = Engine(model, tok, max_batch=4, prefix_cache_bytes=0, metrics=(m := ServeMetrics())).start()
@@ -162,6 +161,67 @@ def test_engine_reuses_a_shared_prompt_prefix_and_still_generates_what_the_model
     finally:
         off.stop()
     assert m.prefix_tokens._value.get() == 0 and not off.prefixes.entries
+
+
+def test_prompts_after_one_system_prompt_are_packed_after_its_stored_keys_and_generate_as_alone(tok):
+    """Chat requests that start with the same system prompt: the first is prefilled alone, the others in one packed
+    pass that starts from its stored keys/values (each attending to them and to itself), and every request's
+    tokens equal model.generate's on its whole prompt."""
+    model = tiny_llama()
+    def chat(q):   # SmolLM2's template puts its default system prompt (~30 tokens) before every conversation
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    prompts = [chat(q) for q in ("hi", "what is rain?", "name a colour", "two plus two", "tell a joke", "bye now")]
+    common = min(next(i for i, (x, y) in enumerate(zip(p, prompts[0])) if x != y) for p in prompts[1:])
+    assert common >= 16
+    passes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: passes.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    engine = Engine(model, tok, max_batch=8, max_queue=16, metrics=(metrics := ServeMetrics())).start()
+    try:
+        got = run_engine(engine, prompts, Sampling(max_tokens=8, temperature=0))
+    finally:
+        engine.stop()
+        hook.remove()
+    for p, tokens in zip(prompts, got):
+        assert tokens == generate_alone(model, tok, p, 8)
+    prefills = [n for n in passes if n > 1]
+    assert prefills == [len(prompts[0]), sum(len(p) - common for p in prompts[1:])], prefills
+    assert metrics.prefix_tokens._value.get() == common * (len(prompts) - 1)
+
+
+def test_a_prompt_with_a_long_stored_match_is_not_packed_down_to_a_shorter_one(tok):
+    """A resent 260-token history and a prompt sharing only its first 40 tokens match the same stored prompt:
+    packing them would make the first prefill 220 tokens it could reuse, so they run in separate passes."""
+    from taoke.ship.serve.engine import Generation
+    from taoke.ship.serve.text import TextStream
+
+    engine = Engine(tiny_llama(), tok, max_batch=4)
+    history = list(range(100, 360))
+    engine.prefixes.add(history + [1], engine_cache(engine, len(history) + 1))
+
+    def admitted(ids):
+        gen = Generation(ids, Sampling(max_tokens=1, temperature=0), TextStream(tok), 1e9, None)
+        gen.prefix, gen.reused = engine.prefixes.match(ids)
+        return gen
+
+    resend, again, short = admitted(history + [5, 6]), admitted(history + [7]), admitted(history[:40] + [9, 9])
+    assert (resend.reused, again.reused, short.reused) == (260, 260, 40)
+    assert engine._fits([resend], again) and not engine._fits([resend], short)
+
+
+def engine_cache(engine, n):
+    """A batch-1 transformers cache of n positions shaped like the engine's model's."""
+    from transformers import DynamicCache
+
+    cfg = engine.model.config
+    cache = DynamicCache()
+    kv_heads = cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    for layer in range(cfg.num_hidden_layers):
+        cache.update(torch.zeros(1, kv_heads, n, head_dim), torch.zeros(1, kv_heads, n, head_dim), layer)
+    return cache
 
 
 def test_prefix_store_keeps_to_its_byte_budget_dropping_the_least_recently_used():

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from taoke.errors import ModelError
 from taoke.ship.serve.kv import SlotCache
-from taoke.ship.serve.prefix import Prefix, PrefixStore
+from taoke.ship.serve.prefix import MIN_REUSE_TOKENS, Prefix, PrefixStore
 from taoke.ship.serve.text import TextStream
 
 
@@ -270,21 +270,31 @@ class Engine:
                 tokens += n
             self._report_queue()
         packs: list[list[Generation]] = []
-        for gen in batch:
-            if gen.prefix is not None:   # alone: its pass starts from the stored keys/values
+        for gen in batch:   # prompts that start from the same stored prefix (or from none) share a pass
+            pack = next((p for p in packs if self._fits(p, gen)), None)
+            if pack is None:
                 packs.append([gen])
-            elif packs and packs[-1][0].prefix is None and \
-                    sum(g.prompt_tokens for g in packs[-1]) + gen.prompt_tokens <= self.pack_tokens:
-                packs[-1].append(gen)
             else:
-                packs.append([gen])
+                pack.append(gen)
         for pack in packs:
+            shared = min(g.reused for g in pack)   # the stored prefix's first tokens, which every prompt starts with
+            for gen in pack:
+                gen.reused = shared
             self._prefill(pack)
 
+    def _fits(self, pack: list[Generation], gen: Generation) -> bool:
+        """Whether `gen` can join a pack: the same stored prefix (or none), at most `pack_tokens` to prefill after
+        the prefix they all share, and no member giving up more than one block of a longer match to share it."""
+        members = pack + [gen]
+        reused = [g.reused for g in members]
+        return (pack[0].prefix is gen.prefix and max(reused) - min(reused) <= MIN_REUSE_TOKENS
+                and sum(g.prompt_tokens for g in members) - len(members) * min(reused) <= self.pack_tokens)
+
     def _prefill(self, batch: list[Generation]) -> None:
-        """Run the prompts as one packed row (each attends only to itself, positions restart per prompt; a lone
-        prompt runs exactly as model.generate runs it; one with a stored prefix runs only the tokens after it),
-        copy each prompt's cache into a free row, and take each request's first token."""
+        """Run the prompts as one packed row after the stored prefix they share, if any (each attends to that
+        prefix and to itself, positions run on from the prefix per prompt; a lone prompt runs exactly as
+        model.generate runs it, or only its tokens after the prefix), copy each prompt's cache into a free row, and
+        take each request's first token."""
         cache = DynamicCache(config=self.model.config)
         reused = batch[0].reused if batch[0].prefix is not None else 0
         if reused:   # the stored keys/values first (DynamicCache copies them on the next update: the store is kept)
@@ -298,12 +308,14 @@ class Engine:
             if reused:
                 args.update(position_ids=torch.arange(reused, reused + ids.shape[1], device=self.device)[None])
         else:
-            lengths = torch.tensor([g.prompt_tokens for g in batch], device=self.device)
+            lengths = torch.tensor([g.prompt_tokens - reused for g in batch], device=self.device)
             starts = lengths.cumsum(0) - lengths
             which = torch.repeat_interleave(torch.arange(len(batch), device=self.device), lengths)
             at = torch.arange(ids.shape[1], device=self.device)
             same_prompt_causal = (which[:, None] == which[None, :]) & (at[:, None] >= at[None, :])
-            args.update(attention_mask=same_prompt_causal[None, None], position_ids=(at - starts[which])[None],
+            mask = torch.cat([torch.ones(len(at), reused, dtype=torch.bool, device=self.device), same_prompt_causal],
+                             dim=1)
+            args.update(attention_mask=mask[None, None], position_ids=(reused + at - starts[which])[None],
                         logits_to_keep=starts + lengths - 1)
         try:
             logits = self.model(**args).logits[0]
@@ -312,14 +324,14 @@ class Engine:
                 self._end(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
             return
         if reused and self.metrics is not None:
-            self.metrics.prefix_tokens.inc(reused)
+            self.metrics.prefix_tokens.inc(reused * len(batch))
         start = 0
         for gen in batch:
             row = len(self.running)
-            self.kv.load_row(row, cache, gen.prompt_tokens, offset=start)
-            self.prefixes.add(gen.prompt_ids, cache, offset=start)
+            self.kv.load_row(row, cache, gen.prompt_tokens, offset=start, shared=reused)
+            self.prefixes.add(gen.prompt_ids, cache, offset=start, shared=reused)
             gen.prefix = None   # the row holds it now; the store may drop it
-            start += gen.prompt_tokens
+            start += gen.prompt_tokens - reused
             gen.length = gen.prompt_tokens
             self.running.append(gen)
         for i, gen in enumerate(list(batch)):    # after every row is placed: a request that ends at once moves others

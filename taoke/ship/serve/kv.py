@@ -77,12 +77,15 @@ class SlotCache(Cache):
 
     # ----------------------------------------------------------------------------------------- rows
 
-    def load_row(self, row: int, prefill: Cache, length: int, offset: int = 0) -> None:
-        """Copy a request's prefilled cache (positions offset..offset+length of a batch-1 cache) into `row`."""
+    def load_row(self, row: int, prefill: Cache, length: int, offset: int = 0, shared: int = 0) -> None:
+        """Copy a request's prefilled cache into `row`: in the batch-1 prefill cache, positions 0..shared are a
+        prefix its pack reused and its own tokens sit at shared + offset.. (offset 0, shared 0: one prompt)."""
         self.ensure_capacity(length + 1)
+        own = slice(shared + offset, offset + length)
         for i, layer in enumerate(prefill.layers):
-            self.keys[i][row, :, :length] = layer.keys[0, :, offset:offset + length]
-            self.values[i][row, :, :length] = layer.values[0, :, offset:offset + length]
+            for store, states in ((self.keys, layer.keys), (self.values, layer.values)):
+                store[i][row, :, :shared] = states[0, :, :shared]
+                store[i][row, :, shared:length] = states[0, :, own]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Give row `dst` the contents of row `src` (a leaving request's row goes to the last running one)."""

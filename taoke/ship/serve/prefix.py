@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# A shorter shared prefix is not worth a forward pass of its own: prompts without a long match are packed
-# together, which saves more than reusing a few dozen tokens (a chat template's system line) would.
-MIN_REUSE_TOKENS = 64
+# Prompts that reuse one stored prefix are packed into one pass after it, so even a chat template's system line is
+# worth reusing; below this many tokens a match is left alone (one ~16-token block, as vLLM's prefix cache keeps).
+MIN_REUSE_TOKENS = 16
 
 
 @dataclass
@@ -29,6 +29,13 @@ class Prefix:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def prompt_span(states: torch.Tensor, length: int, offset: int, shared: int) -> torch.Tensor:
+    """One prompt's [kv_heads, length, head_dim] keys or values out of a packed batch-1 prefill cache
+    [1, kv_heads, positions, head_dim]: positions 0..shared (the prefix the pack reused), then its own tokens."""
+    own = states[0, :, shared + offset:offset + length]
+    return torch.cat([states[0, :, :shared], own], dim=1) if shared else own.clone()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -60,8 +67,9 @@ class PrefixStore:
         self.entries.move_to_end(best)
         return self.entries[best], best_n
 
-    def add(self, prompt_ids: list[int], cache, offset: int = 0) -> None:
-        """Keep the keys/values of a prompt just prefilled (positions offset.. of a batch-1 transformers cache)."""
+    def add(self, prompt_ids: list[int], cache, offset: int = 0, shared: int = 0) -> None:
+        """Keep the keys/values of a prompt just prefilled: in a batch-1 transformers cache, its first `shared`
+        positions at 0.. (a prefix its pack reused) and the rest at shared + offset.."""
         if self.max_bytes <= 0 or len(prompt_ids) < self.min_tokens:
             return
         ids = np.asarray(prompt_ids)
@@ -69,9 +77,8 @@ class PrefixStore:
         if key in self.entries:
             self.entries.move_to_end(key)
             return
-        n = len(prompt_ids)
-        entry = Prefix(ids, [layer.keys[0, :, offset:offset + n].clone() for layer in cache.layers],
-                       [layer.values[0, :, offset:offset + n].clone() for layer in cache.layers])
+        entry = Prefix(ids, [prompt_span(layer.keys, len(ids), offset, shared) for layer in cache.layers],
+                       [prompt_span(layer.values, len(ids), offset, shared) for layer in cache.layers])
         if entry.nbytes > self.max_bytes:
             return
         while self.entries and self.bytes + entry.nbytes > self.max_bytes:
