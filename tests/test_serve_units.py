@@ -96,6 +96,8 @@ def run_engine(engine, prompts, sampling):
     async def go():
         loop = asyncio.get_running_loop()
         gens = [engine.submit(p, sampling, 3600, loop) for p in prompts]
+        if not engine.thread.is_alive():   # started after every request is queued: admission order is fixed
+            engine.start()
 
         async def drain(g):
             while (event := await g.events.get())[0] == "text":
@@ -178,7 +180,7 @@ def test_prompts_after_one_system_prompt_are_packed_after_its_stored_keys_and_ge
     passes = []
     hook = model.register_forward_pre_hook(lambda m, args, kw: passes.append(kw["input_ids"].shape[1]),
                                            with_kwargs=True)
-    engine = Engine(model, tok, max_batch=8, max_queue=16, metrics=(metrics := ServeMetrics())).start()
+    engine = Engine(model, tok, max_batch=8, max_queue=16, metrics=(metrics := ServeMetrics()))
     try:
         got = run_engine(engine, prompts, Sampling(max_tokens=8, temperature=0))
     finally:
