@@ -91,16 +91,20 @@ def run_splits(parent: Run, needed_for: str) -> RunSplits:
     return RunSplits(recipe, train, held)
 
 
+def chat_prompts(recipe: Recipe, held: list, max_prompts: int) -> list:
+    """The chat messages that open the first held-out examples: each SFT conversation up to its last assistant
+    turn, each DPO pair's prompt; none for continued pretraining (plain documents)."""
+    if recipe.task == "sft":
+        return [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in held[:max_prompts]]
+    if recipe.task == "dpo":
+        return [p["prompt"] for p in held[:max_prompts]]
+    return []
+
+
 def held_out(splits: RunSplits, tok, max_prompts: int, max_positions: int, prompt_tokens: int = 32) -> HeldOut:
     """The run's held-out prompts and the scored rows of its held-out examples."""
     recipe, held = splits.recipe, splits.held
-    if recipe.task == "sft":
-        convs = held[:max_prompts]
-        msgs = [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
-    elif recipe.task == "dpo":
-        msgs = [p["prompt"] for p in held[:max_prompts]]
-    else:
-        msgs = []
+    msgs = chat_prompts(recipe, held, max_prompts)
     if msgs:
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -369,9 +373,7 @@ def export_language(parent: Run, model_dir: Path, fmt: str, quant: str | None, c
 
 def _prompt_messages(recipe: Recipe, max_prompts: int) -> list:
     _, held, _ = read_examples(recipe)
-    if recipe.task == "sft":
-        return [c[:max(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in held[:max_prompts]]
-    if recipe.task == "dpo":
-        return [p["prompt"] for p in held[:max_prompts]]
-    return ["What is a computer?", "Tell me a joke."][:max_prompts]
+    if recipe.task == "causal-lm":   # plain documents: no chat turns to take prompts from
+        return ["What is a computer?", "Tell me a joke."][:max_prompts]
+    return chat_prompts(recipe, held, max_prompts)
 
