@@ -18,6 +18,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def prompt_span(states: torch.Tensor, length: int, offset: int = 0, shared: int = 0) -> torch.Tensor:
+    """One prompt's [kv_heads, length, head_dim] keys or values, a new tensor, out of a batch-1 prefill cache
+    [1, kv_heads, positions, head_dim] that packed several prompts after a prefix they share: positions 0..shared
+    hold that prefix, the prompt's own tokens sit at shared + offset.. (offset 0, shared 0: a lone prompt)."""
+    return torch.cat([states[0, :, :shared], states[0, :, shared + offset:offset + length]], dim=1)
+
+
 class SlotLayer(CacheLayerMixin):
     """One decoder layer's view of the slot buffers (transformers calls `update` from its attention)."""
 
@@ -78,14 +85,11 @@ class SlotCache(Cache):
     # ----------------------------------------------------------------------------------------- rows
 
     def load_row(self, row: int, prefill: Cache, length: int, offset: int = 0, shared: int = 0) -> None:
-        """Copy a request's prefilled cache into `row`: in the batch-1 prefill cache, positions 0..shared are a
-        prefix its pack reused and its own tokens sit at shared + offset.. (offset 0, shared 0: one prompt)."""
+        """Copy a request's prefilled cache into `row` (where it sits in the prefill cache: prompt_span)."""
         self.ensure_capacity(length + 1)
-        own = slice(shared + offset, offset + length)
         for i, layer in enumerate(prefill.layers):
-            for store, states in ((self.keys, layer.keys), (self.values, layer.values)):
-                store[i][row, :, :shared] = states[0, :, :shared]
-                store[i][row, :, shared:length] = states[0, :, own]
+            self.keys[i][row, :, :length] = prompt_span(layer.keys, length, offset, shared)
+            self.values[i][row, :, :length] = prompt_span(layer.values, length, offset, shared)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Give row `dst` the contents of row `src` (a leaving request's row goes to the last running one)."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from taoke.ship.serve.kv import prompt_span
+
 # Prompts that reuse one stored prefix are packed into one pass after it, so even a chat template's system line is
 # worth reusing; below this many tokens a match is left alone (one ~16-token block, as vLLM's prefix cache keeps).
 MIN_REUSE_TOKENS = 16
@@ -29,13 +31,6 @@ class Prefix:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-
-def prompt_span(states: torch.Tensor, length: int, offset: int, shared: int) -> torch.Tensor:
-    """One prompt's [kv_heads, length, head_dim] keys or values out of a packed batch-1 prefill cache
-    [1, kv_heads, positions, head_dim]: positions 0..shared (the prefix the pack reused), then its own tokens."""
-    own = states[0, :, shared + offset:offset + length]
-    return torch.cat([states[0, :, :shared], own], dim=1) if shared else own.clone()
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
