@@ -13,7 +13,9 @@ Two data shapes: short prompts (a dialog opening, ~35 tokens with the chat templ
 same question after ~450 tokens of prior conversation). The long prompts all resend one history, as the turns of
 a conversation or users of one system prompt do: taoke serve reuses its keys and values (prefix cache) where the
 other servers prefill it again. `--servers taoke-noprefix` adds taoke with the prefix cache off, which is what
-long prompts that share nothing get.
+long prompts that share nothing get. `--servers taoke@REV` (any git revision, e.g. `taoke@HEAD~1`) adds taoke as
+it was at that commit, checked out in a git worktree under --logs, so a change is measured against the code before
+it in the same interleaved run.
 
     .venv/bin/python bench/serve_load.py --run runs/sft-lora --clients 1 8 32 --repeats 3
     .venv/bin/python bench/serve_load.py --run runs/sft-lora --clients 1 8 --repeats 1 --shapes short --no-record
@@ -101,11 +103,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], model_id: str, port: int, log: Path, threads: int | None):
+    def __init__(self, name: str, cmd: list[str], model_id: str, port: int, log: Path, threads: int | None,
+                 cwd: Path = ROOT):
         self.name, self.model_id, self.port = name, model_id, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=self.log,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self.log, stderr=self.log,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1", **thread_env(threads)})
         self.peak_rss = 0
 
@@ -139,6 +142,19 @@ class Server:
         self.log.close()
 
 
+def checkout(rev: str, logs: Path) -> Path:
+    """A git worktree of this repository at `rev` (made once, reused), for serving taoke as it was then."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    if commit.returncode:
+        raise SystemExit(f"taoke@{rev}: not a git revision of {ROOT} ({commit.stderr.strip()})")
+    tree = logs / f"taoke-{commit.stdout.strip()[:12]}"
+    if not (tree / "taoke" / "cli.py").exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit.stdout.strip()], cwd=ROOT, check=True,
+                       capture_output=True)
+    return tree
+
+
 def start_servers(names: list[str], run: Path, args, logs: Path) -> list[Server]:
     model_dir = str((run / "model").resolve())
     py = sys.executable
@@ -147,11 +163,14 @@ def start_servers(names: list[str], run: Path, args, logs: Path) -> list[Server]
     servers = []
     for name in names:
         port = free_port()
-        if name in ("taoke", "taoke-noprefix"):
-            cmd = [py, "-m", "taoke.cli", "serve", str(run), "--port", str(port), "--model-name", "model",
+        if name in ("taoke", "taoke-noprefix") or name.startswith("taoke@"):
+            # python -m runs the taoke package of its working directory: this checkout, or a worktree at REV
+            cwd = checkout(name.split("@", 1)[1], logs) if "@" in name else ROOT
+            cmd = [py, "-m", "taoke.cli", "serve", str(run.resolve()), "--port", str(port), "--model-name", "model",
                    "--max-batch", str(max(args.clients)), "--max-queue", "256", "--timeout", "3600",
                    "--audit-log", os.devnull] + (["--prefix-cache-mb", "0"] if name == "taoke-noprefix" else [])
-            servers.append(Server(name, cmd, "model", port, logs / f"{name}.log", args.threads))
+            log = logs / f"{name.replace('@', '-at-').replace('/', '_')}.log"
+            servers.append(Server(name, cmd, "model", port, log, args.threads, cwd))
         elif name == "hf":
             servers.append(Server(name, hf + ["--port", str(port)], model_dir, port, logs / "hf.log", args.threads))
         elif name == "hf-cb":
@@ -255,11 +274,12 @@ def table(runs: dict, args) -> list[str]:
                 rs = runs.get((shape, clients, s), [])
                 if not rs:
                     continue
-                ratio = {p: (med(tps[s]) / med(tps[p]) if tps.get(p) else float("nan")) for p in ("hf", "hf-cb")}
+                ratio = {p: (f"{med(tps[s]) / med(tps[p]):.2f}x" if tps.get(p) else "not run")
+                         for p in ("hf", "hf-cb")}
                 errors = sum(r["errors"] for r in rs)
                 lines.append(
                     f"| {shape} | {clients} | {s} | {med(r['rps'] for r in rs):.3f} | {med(tps[s]):.1f} "
-                    f"({min(tps[s]):.1f}-{max(tps[s]):.1f}) | {ratio['hf']:.2f}x | {ratio['hf-cb']:.2f}x | "
+                    f"({min(tps[s]):.1f}-{max(tps[s]):.1f}) | {ratio['hf']} | {ratio['hf-cb']} | "
                     f"{med(r['p50'] for r in rs):.2f} | {med(r['p95'] for r in rs):.2f} | "
                     f"{med(r['ttft50'] for r in rs):.2f} | {max(r['rss_mb'] for r in rs):.0f} | "
                     f"{sum(r['same'] for r in rs)}/{sum(r['n'] for r in rs)}"
@@ -332,7 +352,7 @@ def write_report(runs: dict, args, load_before, cut: str | None = None) -> None:
             f"intra-op threads per server: {args.threads or 'library default'}. "
             f"Servers: {', '.join(args.servers)} (transformers serve --device cpu --dtype float32; hf-cb adds "
             f"--continuous-batching with a paged cache sized for the clients; taoke-noprefix: taoke serve "
-            f"--prefix-cache-mb 0). The long prompts share one ~450-token history. Machine: {os.cpu_count()} cores, {cpu}, "
+            f"--prefix-cache-mb 0; taoke@REV: taoke serve as of git revision REV). The long prompts share one ~450-token history. Machine: {os.cpu_count()} cores, {cpu}, "
             f"AVX512-BF16: {'avx512_bf16' in flags}, AMX: {'amx_bf16' in flags}, AVX2: {'avx2' in flags}; "
             f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (shared machine). "
             f"torch {torch.__version__}, transformers {transformers.__version__}. "
