@@ -108,22 +108,30 @@ def run_engine(engine, prompts, sampling):
     return asyncio.run(go())
 
 
-def test_engine_greedy_tokens_equal_model_generate_one_request_at_a_time(tok):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_engine_greedy_tokens_equal_model_generate_one_request_at_a_time(tok, attention):
     """Prompts of different lengths and max_tokens share steps, join and leave mid-way (max_batch 3 < 7
-    requests); each request's tokens must be exactly what model.generate gives for it alone."""
+    requests); each request's tokens must be exactly what model.generate gives for it alone, on either attention
+    (eager adds the mask the engine hands it to its scores, SDPA reads it as booleans)."""
     model = tiny_llama()
+    model.set_attn_implementation(attention)
     prompts = [tok(f"{'word ' * (3 * i + 1)}question {i}")["input_ids"] for i in range(7)]
     engine = Engine(model, tok, max_batch=3, max_queue=16).start()
     try:
         got = run_engine(engine, prompts, Sampling(max_tokens=12, temperature=0))
     finally:
         engine.stop()
+    reference = tiny_llama()      # a second copy, as transformers runs it alone
+    reference.set_attn_implementation(attention)
     for p, tokens in zip(prompts, got):
-        x = torch.tensor([p])
-        ref = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
-        ref = ref[:ref.index(2)] if 2 in ref else ref        # the engine does not return the eos token
-        assert tokens == ref
+        assert tokens == generate_alone(reference, tok, p, 12)
+
+
+def test_engine_refuses_an_attention_that_takes_no_ready_mask(tok):
+    model = tiny_llama()
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(ModelError, match="flex_attention attention does not take.*SDPA or eager"):
+        Engine(model, tok)
 
 
 def generate_alone(model, tok, prompt, n):
@@ -275,11 +283,62 @@ def test_engine_queue_is_bounded(tok):
         loop.close()
 
 
-def test_engine_refuses_sliding_window_models(tok):
+def test_engine_refuses_hybrid_layers_and_windows_it_cannot_see(tok):
     model = tiny_llama()
-    model.config.layer_types = ["sliding_attention", "full_attention"]
-    with pytest.raises(ModelError, match="--engine vllm"):
+    model.config.layer_types = ["linear_attention", "full_attention"]
+    with pytest.raises(ModelError, match="layer types.*--engine vllm"):
         Engine(model, tok)
+    model.config.layer_types = ["sliding_attention", "full_attention"]   # and no window size
+    with pytest.raises(ModelError, match="no window size.*--engine vllm"):
+        Engine(model, tok)
+
+
+def tiny_sliding(family: str):
+    """A 2-layer Mistral (every layer slides), Gemma2 (sliding and full layers alternate, logit softcapping, eager
+    attention) or Gemma3 (sliding layers, local RoPE) over a 48-token window, with smollm2's vocabulary and
+    sharpened weights as tiny_llama."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, MistralConfig,
+                              MistralForCausalLM)
+
+    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, sliding_window=48, pad_token_id=2,
+                  eos_token_id=2, bos_token_id=1)
+    cfg, cls = {"mistral": (MistralConfig, MistralForCausalLM), "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+                "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[family]
+    cfg = cfg(**common, **({} if family == "mistral" else {"head_dim": 16}))
+    torch.manual_seed(0)
+    model = cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+def test_sliding_window_models_are_served_within_their_window(tok, family):
+    """Within its window a sliding layer sees every earlier token, so with contexts capped there the engine serves
+    the model and every request's tokens equal model.generate's alone; a longer context is refused, naming the cap
+    (which `taoke serve` applies itself when no --max-model-len is given)."""
+    from taoke.ship.serve.app import ServeSettings
+    from taoke.ship.serve.language import LanguageService
+
+    model = tiny_sliding(family)
+    assert model.config._attn_implementation == ("eager" if family == "gemma2" else "sdpa")
+    with pytest.raises(ModelError, match="over 48 tokens and a context of 1024.*--max-model-len 48 or less"):
+        Engine(model, tok, max_model_len=1024)
+    service = LanguageService(model, tok, ServeSettings(model_id="m"), ServeMetrics())
+    assert service.max_model_len == 48 and service.engine.max_model_len == 48
+    prompts = [tok(f"{'word ' * (3 * i + 1)}question {i}")["input_ids"] for i in range(5)]
+    assert max(len(p) for p in prompts) + 12 < 48
+    engine = Engine(model, tok, max_batch=3, max_model_len=48).start()
+    try:
+        got = run_engine(engine, prompts, Sampling(max_tokens=12, temperature=0))
+    finally:
+        engine.stop()
+    reference = tiny_sliding(family)
+    for p, tokens in zip(prompts, got):
+        assert tokens == generate_alone(reference, tok, p, 12)
 
 
 # ------------------------------------------------------------------------------------------------ seal

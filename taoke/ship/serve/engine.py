@@ -120,15 +120,32 @@ def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, lis
     return float(lp[token]), list(zip(top.indices.tolist(), top.values.tolist()))
 
 
-def supports_slot_cache(config) -> str | None:
-    """None if the engine can batch this architecture, else why not (sliding windows, hybrid/linear layers)."""
+def sliding_window(config) -> int | None:
+    """The window of a model's sliding-window attention layers (a token sees the `window` latest positions), or
+    None when every layer attends to all earlier positions."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if "sliding_attention" in kinds or (window and getattr(config, "use_sliding_window", True)):
+        return window or 0
+    return None
+
+
+def supports_slot_cache(config, max_model_len: int | None = None) -> str | None:
+    """None if the engine can batch this architecture, else why not and what to do (hybrid/linear layers, an
+    encoder-decoder, sliding windows shorter than the context). Sliding-window layers are full attention while a
+    sequence fits in the window, so a model whose contexts are capped at its window is served."""
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        return f"layer types {sorted(kinds)}"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
+    if not kinds <= {"full_attention", "sliding_attention"}:
+        return f"layer types {sorted(kinds)}; serve it with --engine vllm"
     if getattr(config, "is_encoder_decoder", False):
-        return "an encoder-decoder"
+        return "an encoder-decoder; serve it with --engine vllm"
+    window = sliding_window(config)
+    if window == 0:
+        return "sliding-window layers and no window size in its config; serve it with --engine vllm"
+    if window is not None and (max_model_len is None or max_model_len > window):
+        return (f"sliding-window attention over {window} tokens and a context of {max_model_len or 'unbounded'}; "
+                f"serve it with --max-model-len {window} or less (every layer then sees all earlier tokens) or "
+                "with --engine vllm")
     return None
 
 
@@ -136,10 +153,15 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 32, max_queue: int = 64, max_model_len: int = 4096,
                  prefill_budget: int = 2048, pack_tokens: int = 512, prefix_cache_bytes: int = 256 << 20,
                  metrics=None):
-        why = supports_slot_cache(model.config)
+        why = supports_slot_cache(model.config, max_model_len)
         if why:
-            raise ModelError(f"taoke's engine batches full-attention decoders; this model has {why}. "
-                             "Serve it with --engine vllm.")
+            raise ModelError(f"taoke's engine batches full-attention decoders; this model has {why}.")
+        attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if attention not in ("sdpa", "eager"):
+            raise ModelError(f"taoke's engine hands the model a ready attention mask each step, which {attention} "
+                             "attention does not take. Load the model with SDPA or eager attention, or serve it with "
+                             "--engine vllm.")
+        self.additive_mask = attention == "eager"
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -154,6 +176,7 @@ class Engine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dtype = next(model.parameters()).dtype
+        self.dtype = dtype
         self.kv = SlotCache(cfg.num_hidden_layers, max_batch, kv_heads, head_dim, dtype, self.device)
         # transformers 5 renamed the forward argument past_key_values -> cache; take whichever this model has
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -315,8 +338,8 @@ class Engine:
             same_prompt_causal = (which[:, None] == which[None, :]) & (at[:, None] >= at[None, :])
             mask = torch.cat([torch.ones(len(at), reused, dtype=torch.bool, device=self.device), same_prompt_causal],
                              dim=1)
-            args.update(attention_mask=mask[None, None], position_ids=(reused + at - starts[which])[None],
-                        logits_to_keep=starts + lengths - 1)
+            args.update(attention_mask=self._model_mask(mask[None, None]),
+                        position_ids=(reused + at - starts[which])[None], logits_to_keep=starts + lengths - 1)
         try:
             logits = self.model(**args).logits[0]
         except Exception as e:  # noqa: BLE001 - these requests fail; the running ones go on
@@ -342,7 +365,7 @@ class Engine:
         rows = list(self.running)
         positions = torch.tensor([g.length for g in rows], device=self.device)
         last = torch.tensor([[g.tokens[-1]] for g in rows], device=self.device)
-        mask = self.kv.begin_step(positions)
+        mask = self._model_mask(self.kv.begin_step(positions))
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions[:, None], use_cache=True,
                          logits_to_keep=1, **{self.cache_arg: self.kv})
         logits = out.logits[:, -1]
@@ -354,6 +377,16 @@ class Engine:
             self._accept(gen, token, logits[i])
         if self.metrics is not None:
             self.metrics.step(len(rows), time.perf_counter() - started)
+
+    def _model_mask(self, attend: torch.Tensor) -> torch.Tensor:
+        """The engine's boolean 4D mask (True: attend) as the model's attention reads a ready 4D mask, which
+        transformers passes through untouched: SDPA takes booleans; eager attention adds the mask to its scores, so
+        it gets 0 where a position is seen and the dtype's minimum where not (what transformers' own eager masks
+        hold)."""
+        if not self.additive_mask:
+            return attend
+        return torch.zeros(attend.shape, dtype=self.dtype, device=attend.device).masked_fill(
+            ~attend, torch.finfo(self.dtype).min)
 
     def _choose(self, gen: Generation, logits: torch.Tensor) -> int:
         if gen.sampling.greedy:

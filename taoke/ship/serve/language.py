@@ -16,12 +16,15 @@ from itertools import accumulate
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from rich.console import Console
 
 from taoke.ship.serve.app import ServeSettings, check_model, read_body
-from taoke.ship.serve.engine import SHUT_DOWN, Engine, Generation, QueueFull, Sampling, ShuttingDown
+from taoke.ship.serve.engine import (SHUT_DOWN, Engine, Generation, QueueFull, Sampling, ShuttingDown,
+                                     sliding_window)
 from taoke.ship.serve.errors import ApiError
 from taoke.ship.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest
 
+console = Console(stderr=True)
 POLL_S = 0.5   # how often a non-streaming request checks that its client is still there
 
 
@@ -36,6 +39,11 @@ class LanguageService:
         self.settings = settings
         self.metrics = metrics
         limit = getattr(model.config, "max_position_embeddings", None) or 4096
+        window = sliding_window(model.config)
+        if window and not max_model_len and window < limit:   # vLLM's --disable-sliding-window caps it so too
+            console.print(f"[yellow]note:[/] the model's attention slides over {window} tokens; contexts are capped "
+                          f"there (--max-model-len {window}), where every token still sees all earlier ones")
+            limit = window
         self.max_model_len = min(max_model_len or limit, limit)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                              max_model_len=self.max_model_len, prefix_cache_bytes=prefix_cache_mb << 20,
