@@ -257,6 +257,67 @@ def test_prefix_store_keeps_to_its_byte_budget_dropping_the_least_recently_used(
     assert store.match([1, 2, 3])[0] is None         # no match at all
 
 
+FAMILIES = {"qwen2": {}, "qwen3": {"head_dim": 16}, "gemma": {"head_dim": 16}, "phi3": {}, "gpt2": {},
+            "gpt_neox": {}, "stablelm": {}, "starcoder2": {}, "cohere": {}, "olmo": {}}
+
+
+def tiny_family(family: str):
+    """A 2-layer model of a transformers family from its real config class (byte-sized vocabulary), weights
+    sharpened as tiny_llama's, norms and biases moved off their init."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              **FAMILIES[family])
+    if not hasattr(AutoConfig.for_model(family), "num_key_value_heads"):
+        kw.pop("num_key_value_heads")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.ndim == 2 else p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_engine_greedy_tokens_equal_model_generate_for_each_family(tok, family):
+    """Batched, joining and leaving, every family's requests get exactly what transformers' model.generate gives
+    each prompt alone (biases in q/k/v, q/k norms, partial rotary, learned positions, parallel blocks)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 17, 30, 12)]
+    engine = Engine(tiny_family(family), tok, max_batch=3, max_model_len=1024).start()
+    try:
+        got = run_engine(engine, prompts, Sampling(max_tokens=10, temperature=0))
+    finally:
+        engine.stop()
+    reference = tiny_family(family)
+    for p, tokens in zip(prompts, got):
+        x = torch.tensor([p])
+        ref = reference.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=0)[0, len(p):].tolist()
+        assert tokens == (ref[:ref.index(2)] if 2 in ref else ref)
+
+
+def test_a_prompt_that_fails_after_the_forward_pass_is_answered_with_an_error_not_left_waiting(tok, monkeypatch):
+    engine = Engine(tiny_llama(), tok, max_batch=4)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no room")
+    monkeypatch.setattr(engine.kv, "load_row", broken)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        gens = [engine.submit(tok(f"hello {i}")["input_ids"], Sampling(max_tokens=4, temperature=0), 60, loop)
+                for i in range(2)]
+        engine.start()
+        return [await asyncio.wait_for(g.events.get(), timeout=60) for g in gens]
+    try:
+        events = asyncio.run(go())
+    finally:
+        engine.stop()
+    assert [e[0] for e in events] == ["error", "error"] and all("no room" in e[1] for e in events)
+
+
 def test_engine_sampling_is_reproducible_with_a_seed_whatever_the_batch(tok):
     model = tiny_llama()
     prompt = tok("tell me something")["input_ids"]

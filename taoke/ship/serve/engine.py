@@ -303,7 +303,14 @@ class Engine:
             shared = min(g.reused for g in pack)   # the stored prefix's first tokens, which every prompt starts with
             for gen in pack:
                 gen.reused = shared
-            self._prefill(pack)
+            try:
+                self._prefill(pack)
+            except Exception as e:  # noqa: BLE001 - placing a pack failed: its requests fail (none may hang)
+                for gen in pack:
+                    if gen in self.running:
+                        self._leave(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
+                    elif gen.finish_reason is None:
+                        self._end(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
 
     def _fits(self, pack: list[Generation], gen: Generation) -> bool:
         """Whether `gen` can join a pack: the same stored prefix (or none), at most `pack_tokens` to prefill after
