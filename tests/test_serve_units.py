@@ -290,6 +290,7 @@ def test_engine_greedy_tokens_equal_model_generate_for_each_family(tok, family):
         got = run_engine(engine, prompts, Sampling(max_tokens=10, temperature=0))
     finally:
         engine.stop()
+    assert sum(len(t) for t in got) >= 30     # the models say something: equal lists are not two empty answers
     reference = tiny_family(family)
     for p, tokens in zip(prompts, got):
         x = torch.tensor([p])
@@ -397,6 +398,7 @@ def test_sliding_window_models_are_served_within_their_window(tok, family):
         got = run_engine(engine, prompts, Sampling(max_tokens=12, temperature=0))
     finally:
         engine.stop()
+    assert sum(len(t) for t in got) >= 30
     reference = tiny_sliding(family)
     for p, tokens in zip(prompts, got):
         assert tokens == generate_alone(reference, tok, p, 12)
