@@ -258,7 +258,8 @@ def test_prefix_store_keeps_to_its_byte_budget_dropping_the_least_recently_used(
 
 
 FAMILIES = {"qwen2": {}, "qwen3": {"head_dim": 16}, "gemma": {"head_dim": 16}, "phi3": {}, "gpt2": {},
-            "gpt_neox": {}, "stablelm": {}, "starcoder2": {}, "cohere": {}, "olmo": {}}
+            "gpt_neox": {}, "stablelm": {}, "starcoder2": {}, "cohere": {}, "olmo": {},
+            "falcon": {}}   # multi-query by default: one kv head whatever num_key_value_heads says
 
 
 def tiny_family(family: str):
@@ -282,7 +283,8 @@ def tiny_family(family: str):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_engine_greedy_tokens_equal_model_generate_for_each_family(tok, family):
     """Batched, joining and leaving, every family's requests get exactly what transformers' model.generate gives
-    each prompt alone (biases in q/k/v, q/k norms, partial rotary, learned positions, parallel blocks)."""
+    each prompt alone (biases in q/k/v, q/k norms, partial rotary, learned positions, parallel blocks, a
+    multi-query cache laid out unlike the config's head counts)."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (5, 9, 17, 30, 12)]
     engine = Engine(tiny_family(family), tok, max_batch=3, max_model_len=1024).start()

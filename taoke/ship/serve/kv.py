@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from taoke.errors import ModelError
+
 
 def prompt_span(states: torch.Tensor, length: int, offset: int = 0, shared: int = 0) -> torch.Tensor:
     """One prompt's [kv_heads, length, head_dim] keys or values, a new tensor, out of a batch-1 prefill cache
@@ -84,8 +86,24 @@ class SlotCache(Cache):
 
     # ----------------------------------------------------------------------------------------- rows
 
+    def adopt_layout(self, prefill: Cache) -> None:
+        """Lay the buffers out as the model's real keys/values are (a no-op once they match, from the first
+        prefill on): a config's head counts can mislead, e.g. Falcon's multi-query flag overrides its kv heads."""
+        layouts = {(layer.keys.shape[1], layer.keys.shape[3], layer.keys.dtype) for layer in prefill.layers}
+        if len(layouts) != 1 or len(prefill.layers) != len(self.layers):
+            raise ModelError(f"the model's layers cache keys/values in {len(layouts)} layouts over "
+                             f"{len(prefill.layers)} layers; taoke's engine needs one layout per layer of "
+                             f"{len(self.layers)}. Serve it with --engine vllm.")
+        layout = layouts.pop()
+        if layout != (self.kv_heads, self.head_dim, self.dtype):
+            self.kv_heads, self.head_dim, self.dtype = layout
+            capacity, self.capacity = self.capacity, 0
+            self.keys, self.values = [], []
+            self.ensure_capacity(capacity)
+
     def load_row(self, row: int, prefill: Cache, length: int, offset: int = 0, shared: int = 0) -> None:
         """Copy a request's prefilled cache into `row` (where it sits in the prefill cache: prompt_span)."""
+        self.adopt_layout(prefill)
         self.ensure_capacity(length + 1)
         for i, layer in enumerate(prefill.layers):
             self.keys[i][row, :, :length] = prompt_span(layer.keys, length, offset, shared)
