@@ -305,12 +305,13 @@ class Engine:
                 gen.reused = shared
             try:
                 self._prefill(pack)
-            except Exception as e:  # noqa: BLE001 - placing a pack failed: its requests fail (none may hang)
+            except Exception as e:  # noqa: BLE001 - a failed pack fails its own requests (none may hang), not others
+                error = f"prompt processing failed: {e.__class__.__name__}: {e}"
                 for gen in pack:
                     if gen in self.running:
-                        self._leave(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
+                        self._leave(gen, error=error)
                     elif gen.finish_reason is None:
-                        self._end(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
+                        self._end(gen, error=error)
 
     def _fits(self, pack: list[Generation], gen: Generation) -> bool:
         """Whether `gen` can join a pack: the same stored prefix (or none), at most `pack_tokens` to prefill after
@@ -347,12 +348,7 @@ class Engine:
                              dim=1)
             args.update(attention_mask=self._model_mask(mask[None, None]),
                         position_ids=(reused + at - starts[which])[None], logits_to_keep=starts + lengths - 1)
-        try:
-            logits = self.model(**args).logits[0]
-        except Exception as e:  # noqa: BLE001 - these requests fail; the running ones go on
-            for gen in batch:
-                self._end(gen, error=f"prompt processing failed: {e.__class__.__name__}: {e}")
-            return
+        logits = self.model(**args).logits[0]   # a failure here fails this pack's requests (_admit)
         if reused and self.metrics is not None:
             self.metrics.prefix_tokens.inc(reused * len(batch))
         start = 0
