@@ -88,23 +88,39 @@ def test_sft_to_gguf_runs_in_llama_cpp_and_is_verified(sft, taoke_main):
     assert json.loads(out)["verdict"] == "derived"
 
 
+def gguf_gap(taoke_main, run: Path, out: Path, quant: str, *extra: str) -> tuple[float, dict | None, str]:
+    """llama.cpp's held-out perplexity gap of a GGUF export at `quant`: (gap, the export's lineage section, "") when
+    the check accepted it, (gap, None, the one-line refusal) when it did not, nothing being left behind."""
+    code, res, err = taoke_main("export", run, "--format", "gguf", "--quant", quant, "--out", out, *extra, "--json")
+    if code == 0:
+        export = json.loads(res)["export"]
+        return export["parity"]["perplexity"]["relative_gap"], export, ""
+    err = " ".join(err.split())
+    assert code == 2 and f"{quant} allows" in err, err
+    assert not out.exists() and not list(out.parent.glob(".*partial*"))
+    return float(re.search(r"\(([0-9.]+)% apart", err).group(1)) / 100, None, err
+
+
+def q4_0_gap(taoke_main, run: Path, out: Path, *extra: str) -> float:
+    gap, export, refusal = gguf_gap(taoke_main, run, out, "Q4_0", *extra)
+    if export:
+        assert export["tensor_types"]["Q4_0"] == 7 * 30   # every projection of SmolLM2's 30 blocks
+    else:
+        assert "Q4_0 allows 10%" in refusal, refusal
+    return gap
+
+
 def test_q8_0_runs_in_llama_cpp_within_a_few_percent_of_the_run(sft, taoke_main):
     """Q8_0, the export most users ask for, through real llama.cpp on every CPU CI meets. On this 4-step fixture
     llama.cpp's AVX512 Q8_0 kernels put held-out perplexity ~2.1% from taoke's (AVX2: ~0.8%), either side of the
     check's 2%: accepted, or refused with the figures, the kernels and nothing written. A broken Q8_0 writer (wrong
     block layout or scales) moves it by far more than 5% either way."""
-    out = sft / "q8"
-    code, res, err = taoke_main("export", sft / "sft", "--format", "gguf", "--quant", "Q8_0", "--out", out, "--json")
-    if code == 0:
-        export = json.loads(res)["export"]
+    gap, export, refusal = gguf_gap(taoke_main, sft / "sft", sft / "q8", "Q8_0")
+    if export:
         assert export["tensor_types"]["Q8_0"] >= 7 * 30   # every projection of SmolLM2's 30 blocks
         assert export["parity"]["tokenization_identical"] and export["parity"]["llama_cpp"]["cpu_features"]
-        gap = export["parity"]["perplexity"]["relative_gap"]
     else:
-        err = " ".join(err.split())
-        assert code == 2 and "Q8_0 allows 2%" in err and "llama.cpp's CPU kernels here:" in err, err
-        assert not out.exists() and not list(out.parent.glob(".*partial*"))
-        gap = float(re.search(r"\(([0-9.]+)% apart", err).group(1)) / 100
+        assert "Q8_0 allows 2%" in refusal and "llama.cpp's CPU kernels here:" in refusal, refusal
     assert gap < 0.05, gap
 
 
@@ -124,20 +140,6 @@ def test_export_refuses_a_run_whose_data_changed_before_loading_it(sft, tmp_path
     assert code == 2 and f"{changed}: missing or changed since the run" in err, err
     assert "--no-check" in err and "without --gptq" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([original.name, "sft"])
-
-
-def q4_0_gap(taoke_main, run: Path, out: Path, *extra: str) -> float:
-    """llama.cpp's held-out perplexity gap of a Q4_0 export: from its lineage when the check accepted it, from the
-    one-line refusal (nothing left behind) when it did not."""
-    code, res, err = taoke_main("export", run, "--format", "gguf", "--quant", "Q4_0", "--out", out, *extra, "--json")
-    if code == 0:
-        lin = json.loads(res)
-        assert lin["export"]["tensor_types"]["Q4_0"] == 7 * 30   # every projection of SmolLM2's 30 blocks
-        return lin["export"]["parity"]["perplexity"]["relative_gap"]
-    err = " ".join(err.split())
-    assert code == 2 and "Q4_0 allows 10%" in err, err
-    assert not out.exists() and not list(out.parent.glob(".*partial*"))
-    return float(re.search(r"\(([0-9.]+)% apart", err).group(1)) / 100
 
 
 # ~10 min on 2 AVX2 cores (GPTQ, then 4 epochs of norm tuning); test_gptq and test_norm_tweak check the parts in CI
